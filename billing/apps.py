@@ -1,0 +1,19 @@
+from typing import Any
+
+from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+
+def _ensure_system_accounts(sender: AppConfig, **kwargs: Any) -> None:
+    from billing.services.ledger import account_ensure_system
+
+    account_ensure_system()
+
+
+class BillingConfig(AppConfig):
+    name = "billing"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # post_migrate also runs after test flushes, so system accounts always exist.
+        post_migrate.connect(_ensure_system_accounts, sender=self)

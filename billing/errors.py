@@ -1,0 +1,65 @@
+"""Typed domain errors. The gateway maps them to HTTP in one place (gateway/errors.py)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+
+class BillingError(Exception):
+    """Base of every refusal the money core can give."""
+
+
+class AccountNotFound(BillingError):
+    pass
+
+
+class AccountInactive(BillingError):
+    def __init__(self, *, account_id: int, status: str) -> None:
+        super().__init__(f"account {account_id} is {status}")
+        self.account_id = account_id
+        self.status = status
+
+
+class InsufficientFunds(BillingError):
+    def __init__(self, *, account_id: int, amount: Decimal) -> None:
+        super().__init__(f"account {account_id} cannot cover {amount} USD")
+        self.account_id = account_id
+        self.amount = amount
+
+
+class BudgetExceeded(BillingError):
+    def __init__(self, *, api_key_id: int, amount: Decimal) -> None:
+        super().__init__(f"key {api_key_id} budget cannot cover {amount} USD")
+        self.api_key_id = api_key_id
+        self.amount = amount
+
+
+class IdempotencyConflict(BillingError):
+    """The same idempotency key was used with different content."""
+
+
+class HoldNotFound(BillingError):
+    pass
+
+
+class HoldAlreadyResolved(BillingError):
+    """The hold (or its request's one posting) was already resolved another way."""
+
+    def __init__(self, *, request_id: str, state: str) -> None:
+        super().__init__(f"hold {request_id} is already {state}")
+        self.request_id = request_id
+        self.state = state
+
+
+class UnbalancedTransaction(BillingError):
+    pass
+
+
+class InvalidAmount(BillingError):
+    pass
+
+
+class ModelNotPriced(BillingError):
+    def __init__(self, *, model_alias: str) -> None:
+        super().__init__(f"model {model_alias!r} has no tariff")
+        self.model_alias = model_alias

@@ -1,0 +1,325 @@
+"""The money core's tables. Writes go through billing/services/, reads through selectors."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from decimal import Decimal
+
+from billing.money import MoneyField
+from billing.pricing import Price
+
+
+class Account(models.Model):
+    class Kind(models.TextChoices):
+        CUSTOMER = "customer"
+        REVENUE = "revenue"  # usage income
+        PROMOTIONS = "promotions"  # source of granted credit
+        WRITE_OFFS = "write_offs"  # usage we could not collect
+        PAYMENTS = "payments"  # source of purchased credit, sink of refunds
+
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        SUSPENDED = "suspended"
+        CLOSED = "closed"
+
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.CUSTOMER)
+    currency = models.CharField(max_length=3, default="USD")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    # Cached projection of the ledger, maintained for customer accounts only (system accounts
+    # would be a hot row touched by every request). Audited nightly against the legs.
+    balance = MoneyField(default=0)
+    held = MoneyField(default=0)
+    overdraft = MoneyField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(held__gte=0), name="account_held_non_negative"),
+            models.CheckConstraint(
+                condition=Q(overdraft__gte=0), name="account_overdraft_non_negative"
+            ),
+            models.UniqueConstraint(
+                fields=["kind"], condition=~Q(kind="customer"), name="one_account_per_system_kind"
+            ),
+        ]
+        permissions = [("post_adjustment", "Can post grants, purchases, refunds, adjustments")]
+
+    def __str__(self) -> str:
+        return f"{self.name} (#{self.pk})"
+
+    @property
+    def available(self) -> Decimal:
+        return self.balance - self.held
+
+    @property
+    def is_system(self) -> bool:
+        return self.kind != Account.Kind.CUSTOMER
+
+
+class ApiKey(models.Model):
+    class Purpose(models.TextChoices):
+        REALTIME = "realtime"
+        BATCH = "batch"
+        PLAYGROUND = "playground"
+        PLATFORM = "platform"
+
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        REVOKED = "revoked"
+
+    class BudgetPeriod(models.TextChoices):
+        DAY = "day"
+        WEEK = "week"
+        MONTH = "month"
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="api_keys")
+    name = models.CharField(max_length=200, blank=True)
+    prefix = models.CharField(max_length=16, unique=True)
+    # SHA-256 of the whole secret: the secret is 256 random bits, so a fast hash is safe and
+    # cheap enough to check on every request.
+    secret_hash = models.CharField(max_length=64, unique=True)
+    purpose = models.CharField(max_length=16, choices=Purpose.choices, default=Purpose.REALTIME)
+    completion_window = models.CharField(max_length=16, blank=True, default="")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    budget_limit = MoneyField(null=True, blank=True)
+    budget_period = models.CharField(
+        max_length=8, choices=BudgetPeriod.choices, blank=True, default=""
+    )
+    # Spend settled in the period starting at budget_period_start; rolled over lazily.
+    budget_period_start = models.DateTimeField(null=True, blank=True)
+    budget_spent = MoneyField(default=0)
+    # Active holds placed under the budget; survives period rollover.
+    budget_held = MoneyField(default=0)
+
+    class Meta:
+        verbose_name = "API key"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(budget_held__gte=0), name="apikey_budget_held_non_negative"
+            ),
+            models.CheckConstraint(
+                condition=Q(budget_limit__isnull=True)
+                | (Q(budget_limit__gte=0) & ~Q(budget_period="")),
+                name="apikey_budget_has_period",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name or 'unnamed'})"
+
+
+class LanguageModel(models.Model):
+    """A model alias clients may ask for; priced by tariffs, routed by the gateway."""
+
+    alias = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.alias
+
+
+class Tariff(models.Model):
+    model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="tariffs")
+    purpose = models.CharField(
+        max_length=16, choices=ApiKey.Purpose.choices, default=ApiKey.Purpose.REALTIME
+    )
+    completion_window = models.CharField(max_length=16, blank=True, default="")
+    valid_from = models.DateTimeField()
+    valid_until = models.DateTimeField(null=True, blank=True)
+    # USD per million tokens.
+    input_per_mtok = MoneyField()
+    output_per_mtok = MoneyField()
+    cached_input_per_mtok = MoneyField(null=True, blank=True)
+    cache_write_per_mtok = MoneyField(null=True, blank=True)
+    reasoning_per_mtok = MoneyField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["model", "purpose", "completion_window", "valid_from"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(input_per_mtok__gte=0)
+                & Q(output_per_mtok__gte=0)
+                & (Q(cached_input_per_mtok__isnull=True) | Q(cached_input_per_mtok__gte=0))
+                & (Q(cache_write_per_mtok__isnull=True) | Q(cache_write_per_mtok__gte=0))
+                & (Q(reasoning_per_mtok__isnull=True) | Q(reasoning_per_mtok__gte=0)),
+                name="tariff_prices_non_negative",
+            ),
+            models.CheckConstraint(
+                condition=Q(valid_until__isnull=True) | Q(valid_until__gt=models.F("valid_from")),
+                name="tariff_validity_ordered",
+            ),
+        ]
+
+    @property
+    def price(self) -> Price:
+        return Price(
+            input_per_mtok=self.input_per_mtok,
+            output_per_mtok=self.output_per_mtok,
+            cached_input_per_mtok=self.cached_input_per_mtok,
+            cache_write_per_mtok=self.cache_write_per_mtok,
+            reasoning_per_mtok=self.reasoning_per_mtok,
+        )
+
+    def __str__(self) -> str:
+        window = f"/{self.completion_window}" if self.completion_window else ""
+        return f"{self.model_id}:{self.purpose}{window} from {self.valid_from:%Y-%m-%d}"
+
+
+class LedgerTransaction(models.Model):
+    """An immutable posting. Its legs sum to zero (checked by Python and, on PostgreSQL, by a
+    deferred constraint trigger at commit)."""
+
+    class Kind(models.TextChoices):
+        PURCHASE = "purchase"
+        GRANT = "grant"
+        USAGE = "usage"
+        REFUND = "refund"
+        ADJUSTMENT = "adjustment"
+        WRITE_OFF = "write_off"
+        REVERSAL = "reversal"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    idempotency_key = models.CharField(max_length=200, unique=True)
+    # SHA-256 of the posting's content: a replay with the same key must match it.
+    content_hash = models.CharField(max_length=64)
+    request_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    memo = models.TextField(blank=True, default="")
+    # None means the system posted it.
+    posted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT
+    )
+    occurred_at = models.DateTimeField()
+    posted_at = models.DateTimeField(db_index=True)
+    reverses = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="reversed_by"
+    )
+    model_alias = models.CharField(max_length=200, blank=True, default="")
+    is_overrun = models.BooleanField(default=False)
+    is_late = models.BooleanField(default=False)
+
+    class Meta:
+        indexes = [models.Index(fields=["kind", "posted_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.pk} ({self.idempotency_key})"
+
+
+class LedgerLeg(models.Model):
+    """One side of a posting. Positive credits the account's balance, negative debits it."""
+
+    transaction = models.ForeignKey(LedgerTransaction, on_delete=models.PROTECT, related_name="legs")
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="legs")
+    amount = MoneyField()
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=~Q(amount=0), name="leg_amount_non_zero")]
+        indexes = [models.Index(fields=["account", "transaction"])]
+
+
+class Hold(models.Model):
+    """A two-phase reservation of a request's worst-case cost. Ends exactly once."""
+
+    class State(models.TextChoices):
+        ACTIVE = "active"
+        SETTLED = "settled"
+        RELEASED = "released"
+        EXPIRED = "expired"
+
+    request_id = models.CharField(max_length=64, unique=True)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="holds")
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="holds"
+    )
+    model_alias = models.CharField(max_length=200, blank=True, default="")
+    amount = MoneyField()
+    # Whether this hold was counted in api_key.budget_held (the budget may be set later).
+    budgeted = models.BooleanField(default=False)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.ACTIVE)
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    settled_amount = MoneyField(null=True, blank=True)
+    is_overrun = models.BooleanField(default=False)
+    is_late = models.BooleanField(default=False)
+    # The request's one posting (usage, or a finance charge or write-off), once there is one.
+    transaction = models.OneToOneField(
+        LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="hold"
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="hold_amount_positive"),
+            models.CheckConstraint(
+                condition=Q(state__in=["active", "settled", "released", "expired"]),
+                name="hold_state_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(state="active", resolved_at__isnull=True)
+                | (~Q(state="active") & Q(resolved_at__isnull=False)),
+                name="hold_resolved_iff_not_active",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["expires_at"], condition=Q(state="active"), name="hold_active_expiry"
+            ),
+            models.Index(fields=["account", "state"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"hold {self.request_id} ({self.state})"
+
+
+class UsageRecord(models.Model):
+    """What one gateway request used and cost; written when its hold resolves."""
+
+    class Status(models.TextChoices):
+        SETTLED = "settled"
+        RELEASED = "released"
+        PENDING = "pending"  # settle handed to the retry path
+
+    request_id = models.CharField(max_length=64, unique=True)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="usage_records")
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
+    )
+    model_alias = models.CharField(max_length=200)
+    endpoint = models.CharField(max_length=64)
+    stream = models.BooleanField(default=False)
+    input_tokens = models.PositiveIntegerField(default=0)
+    cached_input_tokens = models.PositiveIntegerField(default=0)
+    cache_write_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    reasoning_tokens = models.PositiveIntegerField(default=0)
+    estimated = models.BooleanField(default=False)
+    cost = MoneyField(default=0)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    outcome = models.CharField(max_length=32, blank=True, default="")
+    started_at = models.DateTimeField()
+    first_byte_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["account", "started_at"])]
+
+    def __str__(self) -> str:
+        return f"usage {self.request_id}"
+
+
+# System accounts have fixed, negative ids: sequences only hand out positive ones, so they can
+# never collide with a customer, and code needs no lookup (or cache) to find them.
+SYSTEM_ACCOUNT_IDS: dict[str, int] = {
+    Account.Kind.REVENUE: -1,
+    Account.Kind.PROMOTIONS: -2,
+    Account.Kind.WRITE_OFFS: -3,
+    Account.Kind.PAYMENTS: -4,
+}

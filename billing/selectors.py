@@ -1,0 +1,175 @@
+"""Reads: balances, statements, tariff selection, the ledger audit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import Count, IntegerField, OuterRef, Q, Subquery, Sum, Value
+from django.db.models.functions import Coalesce
+
+from billing.errors import AccountNotFound
+from billing.models import Account, Hold, LedgerLeg, Tariff
+from billing.money import ZERO, MoneyField, money_str, money_value
+from billing.pricing import tariff_choose
+
+
+@dataclass(frozen=True)
+class AccountBalance:
+    account_id: int
+    name: str
+    currency: str
+    status: str
+    balance: Decimal
+    held: Decimal
+    overdraft: Decimal
+
+    @property
+    def available(self) -> Decimal:
+        return self.balance - self.held
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "account_id": self.account_id,
+            "name": self.name,
+            "currency": self.currency,
+            "status": self.status,
+            "balance": money_str(self.balance),
+            "held": money_str(self.held),
+            "available": money_str(self.available),
+            "overdraft": money_str(self.overdraft),
+        }
+
+
+def account_balance_get(*, account_id: int) -> AccountBalance:
+    account = Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).first()
+    if account is None:
+        raise AccountNotFound(f"no customer account {account_id}")
+    return AccountBalance(
+        account_id=account.pk,
+        name=account.name,
+        currency=account.currency,
+        status=account.status,
+        balance=account.balance,
+        held=account.held,
+        overdraft=account.overdraft,
+    )
+
+
+def account_entries(*, account_id: int, limit: int = 100, before_leg_id: int | None = None):  # type: ignore[no-untyped-def]
+    """The account's legs, newest first, with their transactions."""
+    legs = LedgerLeg.objects.filter(account_id=account_id).select_related("transaction")
+    if before_leg_id is not None:
+        legs = legs.filter(pk__lt=before_leg_id)
+    return legs.order_by("-pk")[:limit]
+
+
+def leg_as_json(leg: LedgerLeg) -> dict[str, object]:
+    txn = leg.transaction
+    return {
+        "entry_id": leg.pk,
+        "transaction_id": txn.pk,
+        "kind": txn.kind,
+        "amount": money_str(leg.amount),
+        "request_id": txn.request_id or None,
+        "model": txn.model_alias or None,
+        "memo": txn.memo,
+        "occurred_at": txn.occurred_at.isoformat(),
+        "posted_at": txn.posted_at.isoformat(),
+        "is_overrun": txn.is_overrun,
+        "is_late": txn.is_late,
+        "reverses": txn.reverses_id,
+    }
+
+
+def tariff_select(
+    *, model_alias: str, purpose: str, completion_window: str, at: datetime
+) -> Tariff | None:
+    candidates = Tariff.objects.filter(
+        Q(valid_until__isnull=True) | Q(valid_until__gt=at),
+        model__alias=model_alias,
+        valid_from__lte=at,
+    )
+    return tariff_choose(candidates, purpose=purpose, completion_window=completion_window, at=at)
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    accounts_checked: int
+    mismatches: list[dict[str, object]]
+    unbalanced_transactions: list[int]
+
+    @property
+    def clean(self) -> bool:
+        return not self.mismatches and not self.unbalanced_transactions
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "accounts_checked": self.accounts_checked,
+            "mismatches": self.mismatches,
+            "unbalanced_transactions": self.unbalanced_transactions,
+            "ok": self.clean,
+        }
+
+
+def _accounts_with_ledger_totals() -> Iterator[dict[str, object]]:
+    legs_total = (
+        LedgerLeg.objects.filter(account_id=OuterRef("pk"))
+        .values("account_id")
+        .annotate(total=Sum("amount"))
+        .values("total")
+    )
+    holds_total = (
+        Hold.objects.filter(account_id=OuterRef("pk"), state=Hold.State.ACTIVE)
+        .values("account_id")
+        .annotate(total=Sum("amount"))
+        .values("total")
+    )
+    return (
+        Account.objects.filter(kind=Account.Kind.CUSTOMER)
+        .annotate(
+            ledger_balance=Coalesce(Subquery(legs_total, output_field=MoneyField()), money_value(ZERO)),
+            active_holds=Coalesce(Subquery(holds_total, output_field=MoneyField()), money_value(ZERO)),
+        )
+        .values("pk", "balance", "held", "ledger_balance", "active_holds")
+        .order_by("pk")
+        .iterator(chunk_size=2000)
+    )
+
+
+def ledger_audit() -> AuditReport:
+    """Recompute every cached balance and hold total from the source rows."""
+    checked = 0
+    mismatches: list[dict[str, object]] = []
+    for row in _accounts_with_ledger_totals():
+        checked += 1
+        if row["balance"] != row["ledger_balance"] or row["held"] != row["active_holds"]:
+            mismatches.append(
+                {
+                    "account_id": row["pk"],
+                    "cached_balance": money_str(row["balance"]),  # type: ignore[arg-type]
+                    "ledger_balance": money_str(row["ledger_balance"]),  # type: ignore[arg-type]
+                    "cached_held": money_str(row["held"]),  # type: ignore[arg-type]
+                    "active_holds": money_str(row["active_holds"]),  # type: ignore[arg-type]
+                }
+            )
+    unbalanced = list(
+        LedgerLeg.objects.values("transaction_id")
+        .annotate(total=Sum("amount"), legs=Count("id", output_field=IntegerField()))
+        .filter(~Q(total=Value(0, output_field=MoneyField())) | Q(legs__lt=2))
+        .order_by("transaction_id")
+        .values_list("transaction_id", flat=True)
+    )
+    return AuditReport(accounts_checked=checked, mismatches=mismatches, unbalanced_transactions=unbalanced)
+
+
+def system_balances() -> dict[str, Decimal]:
+    """Trial balance of the system accounts (summed from legs: they have no cached balance)."""
+    rows = (
+        LedgerLeg.objects.filter(account__kind__in=[k for k in Account.Kind.values if k != "customer"])
+        .values("account__kind")
+        .annotate(total=Sum("amount"))
+    )
+    return {row["account__kind"]: row["total"] for row in rows}

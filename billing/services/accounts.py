@@ -1,0 +1,108 @@
+"""Customer accounts and the credit movements finance posts on them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from billing.errors import AccountNotFound, InvalidAmount
+from billing.models import Account, LedgerTransaction
+from billing.money import ZERO
+from billing.services.ledger import Leg, Posting, ledger_post, ledger_post_once, system_account_id
+
+# Where each kind of customer credit comes from. Purchases are paid money, grants are
+# promotional, refunds return usage revenue; adjustments are signed corrections of usage.
+CREDIT_SOURCES: dict[str, str] = {
+    LedgerTransaction.Kind.PURCHASE: Account.Kind.PAYMENTS,
+    LedgerTransaction.Kind.GRANT: Account.Kind.PROMOTIONS,
+    LedgerTransaction.Kind.REFUND: Account.Kind.REVENUE,
+    LedgerTransaction.Kind.ADJUSTMENT: Account.Kind.REVENUE,
+}
+
+
+def account_create(
+    *,
+    name: str,
+    now: datetime,
+    credits: Decimal = ZERO,
+    overdraft: Decimal = ZERO,
+    posted_by: AbstractBaseUser | None = None,
+) -> Account:
+    if not name.strip():
+        raise InvalidAmount("an account needs a name")
+    if credits < 0 or overdraft < 0:
+        raise InvalidAmount("credits and overdraft cannot be negative")
+    with transaction.atomic(durable=True):
+        account = Account.objects.create(name=name.strip(), overdraft=overdraft)
+        if credits > 0:
+            ledger_post(
+                posting=credit_posting(
+                    kind=LedgerTransaction.Kind.GRANT,
+                    account_id=account.pk,
+                    amount=credits,
+                    idempotency_key=f"account:{account.pk}:opening-credits",
+                    memo="opening credits",
+                    now=now,
+                ),
+                now=now,
+                posted_by=posted_by,
+            )
+    account.refresh_from_db()
+    return account
+
+
+def credit_posting(
+    *, kind: str, account_id: int, amount: Decimal, idempotency_key: str, memo: str, now: datetime,
+    request_id: str = "",
+) -> Posting:
+    """Credit (amount > 0) or debit (amount < 0, adjustments only) a customer account."""
+    if kind not in CREDIT_SOURCES:
+        raise InvalidAmount(f"{kind!r} is not a credit kind")
+    if amount == 0 or (amount < 0 and kind != LedgerTransaction.Kind.ADJUSTMENT):
+        raise InvalidAmount(f"a {kind} needs a positive amount")
+    source = system_account_id(CREDIT_SOURCES[kind])
+    return Posting(
+        kind=kind,
+        legs=[Leg(account_id=account_id, amount=amount), Leg(account_id=source, amount=-amount)],
+        idempotency_key=idempotency_key,
+        occurred_at=now,
+        request_id=request_id,
+        memo=memo,
+    )
+
+
+def credit_post(
+    *,
+    kind: str,
+    account_id: int,
+    amount: Decimal,
+    memo: str,
+    idempotency_key: str,
+    now: datetime,
+    posted_by: AbstractBaseUser | None = None,
+    request_id: str = "",
+) -> tuple[LedgerTransaction, bool]:
+    """Post a purchase, grant, refund or adjustment once. Returns (transaction, replayed)."""
+    if not memo.strip():
+        raise InvalidAmount("a memo is required")
+    if not Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).exists():
+        raise AccountNotFound(f"no customer account {account_id}")
+    posting = credit_posting(
+        kind=kind,
+        account_id=account_id,
+        amount=amount,
+        idempotency_key=idempotency_key,
+        memo=memo.strip(),
+        now=now,
+        request_id=request_id,
+    )
+    return ledger_post_once(posting=posting, now=now, posted_by=posted_by)
+
+
+@transaction.atomic(durable=True)
+def account_status_set(*, account_id: int, status: str) -> None:
+    if not Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).update(status=status):
+        raise AccountNotFound(f"no customer account {account_id}")

@@ -1,0 +1,412 @@
+"""Two-phase holds: place before the upstream call, then settle, release or expire exactly once.
+
+Lock order everywhere: hold row, then account rows (ascending id), then the API key row.
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Case, F, OuterRef, Q, Subquery, Sum, When
+
+from billing.errors import (
+    AccountInactive,
+    AccountNotFound,
+    BudgetExceeded,
+    HoldAlreadyResolved,
+    HoldNotFound,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+)
+from billing.models import Account, ApiKey, Hold, LedgerTransaction, UsageRecord
+from billing.money import ZERO, MoneyField, money_value
+from billing.pricing import Usage
+from billing.services.ledger import (
+    Leg,
+    Posting,
+    ledger_post,
+    request_idempotency_key,
+    system_account_id,
+)
+
+
+@dataclass(frozen=True)
+class RequestDetails:
+    """What the gateway knows about a request, stored on its usage record."""
+
+    endpoint: str
+    started_at: datetime
+    stream: bool = False
+    outcome: str = ""
+    first_byte_ms: int | None = None
+    duration_ms: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "endpoint": self.endpoint,
+            "started_at": self.started_at.isoformat(),
+            "stream": self.stream,
+            "outcome": self.outcome,
+            "first_byte_ms": self.first_byte_ms,
+            "duration_ms": self.duration_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> RequestDetails:
+        return cls(
+            endpoint=str(data["endpoint"]),
+            started_at=datetime.fromisoformat(str(data["started_at"])),
+            stream=bool(data.get("stream")),
+            outcome=str(data.get("outcome") or ""),
+            first_byte_ms=data.get("first_byte_ms"),  # type: ignore[arg-type]
+            duration_ms=data.get("duration_ms"),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    hold: Hold
+    cost: Decimal
+    transaction_id: int | None
+    replayed: bool = False
+
+    @property
+    def is_overrun(self) -> bool:
+        return self.hold.is_overrun
+
+    @property
+    def is_late(self) -> bool:
+        return self.hold.is_late
+
+
+def budget_period_start(*, period: str, now: datetime) -> datetime:
+    """Start (UTC) of the budget period containing `now`."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == ApiKey.BudgetPeriod.DAY:
+        return day
+    if period == ApiKey.BudgetPeriod.WEEK:
+        return day - timedelta(days=day.weekday())
+    if period == ApiKey.BudgetPeriod.MONTH:
+        return day.replace(day=1)
+    raise InvalidAmount(f"unknown budget period {period!r}")
+
+
+def budget_period_end(*, period: str, start: datetime) -> datetime:
+    if period == ApiKey.BudgetPeriod.DAY:
+        return start + timedelta(days=1)
+    if period == ApiKey.BudgetPeriod.WEEK:
+        return start + timedelta(days=7)
+    return start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
+
+
+def _budget_roll(*, start: datetime) -> Case:
+    """budget_spent, reset to zero when the stored period is older than `start` (lazy rollover;
+    budget_held is never reset: active holds carry over)."""
+    return Case(
+        When(budget_period_start=start, then=F("budget_spent")),
+        default=money_value(ZERO),
+        output_field=MoneyField(),
+    )
+
+
+def hold_place(
+    *,
+    api_key: ApiKey,
+    request_id: str,
+    amount: Decimal,
+    now: datetime,
+    model_alias: str = "",
+    ttl_seconds: int | None = None,
+) -> Hold:
+    """Reserve `amount` on the key's account, or raise InsufficientFunds / BudgetExceeded /
+    AccountInactive. Idempotent by request id."""
+    if amount <= 0:
+        raise InvalidAmount("a hold must be positive")
+    ttl = ttl_seconds if ttl_seconds is not None else settings.BILLING_HOLD_TTL_SECONDS
+    try:
+        with transaction.atomic(durable=True):
+            return _hold_place(
+                api_key=api_key, request_id=request_id, amount=amount, now=now,
+                model_alias=model_alias, ttl=ttl,
+            )
+    except IntegrityError:
+        existing = Hold.objects.filter(request_id=request_id).first()
+        if existing is None:
+            raise
+        if existing.account_id != api_key.account_id or existing.amount != amount:
+            raise IdempotencyConflict(f"request {request_id} already holds a different amount") from None
+        return existing
+
+
+def _hold_place(
+    *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
+) -> Hold:
+    # The conditional UPDATE is the check: no read-then-write race, the row lock lasts one
+    # statement plus the rest of this short transaction.
+    placed = Account.objects.filter(
+        pk=api_key.account_id,
+        kind=Account.Kind.CUSTOMER,
+        status=Account.Status.ACTIVE,
+        balance__gte=F("held") + money_value(amount) - F("overdraft"),
+    ).update(held=F("held") + money_value(amount))
+    if not placed:
+        status = Account.objects.filter(pk=api_key.account_id).values_list("status", flat=True).first()
+        if status is None:
+            raise AccountNotFound(f"no account {api_key.account_id}")
+        if status != Account.Status.ACTIVE:
+            raise AccountInactive(account_id=api_key.account_id, status=status)
+        raise InsufficientFunds(account_id=api_key.account_id, amount=amount)
+
+    budgeted = api_key.budget_limit is not None and bool(api_key.budget_period)
+    if budgeted:
+        start = budget_period_start(period=api_key.budget_period, now=now)
+        fits_current = Q(budget_period_start=start) & Q(
+            budget_limit__gte=F("budget_spent") + F("budget_held") + money_value(amount)
+        )
+        fits_new_period = ~Q(budget_period_start=start) & Q(
+            budget_limit__gte=F("budget_held") + money_value(amount)
+        )
+        within_budget = ApiKey.objects.filter(pk=api_key.pk).filter(
+            Q(budget_limit__isnull=True) | fits_current | fits_new_period
+        ).update(
+            budget_spent=_budget_roll(start=start),
+            budget_period_start=start,
+            budget_held=F("budget_held") + money_value(amount),
+        )
+        if not within_budget:
+            raise BudgetExceeded(api_key_id=api_key.pk, amount=amount)
+
+    return Hold.objects.create(
+        request_id=request_id,
+        account_id=api_key.account_id,
+        api_key=api_key,
+        model_alias=model_alias,
+        amount=amount,
+        budgeted=budgeted,
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl),
+    )
+
+
+def _hold_lock(request_id: str) -> Hold:
+    try:
+        return Hold.objects.select_for_update().get(request_id=request_id)
+    except Hold.DoesNotExist as exc:
+        raise HoldNotFound(f"no hold for request {request_id}") from exc
+
+
+def _budget_release(*, hold: Hold, release: Decimal, spent: Decimal, now: datetime) -> None:
+    """Move a budgeted hold's amount out of budget_held and its cost into budget_spent."""
+    if not hold.budgeted or hold.api_key_id is None or (not release and not spent):
+        return
+    api_key = ApiKey.objects.only("budget_period").get(pk=hold.api_key_id)
+    changes: dict[str, object] = {"budget_held": F("budget_held") - money_value(release)}
+    if spent and api_key.budget_period:
+        start = budget_period_start(period=api_key.budget_period, now=now)
+        changes["budget_spent"] = _budget_roll(start=start) + money_value(spent)
+        changes["budget_period_start"] = start
+    ApiKey.objects.filter(pk=hold.api_key_id).update(**changes)
+
+
+def _usage_record_write(
+    *, hold: Hold, usage: Usage | None, cost: Decimal, status: str, details: RequestDetails | None,
+    now: datetime,
+) -> None:
+    if details is None:
+        return
+    usage = usage or Usage()
+    UsageRecord.objects.create(
+        request_id=hold.request_id,
+        account_id=hold.account_id,
+        api_key_id=hold.api_key_id,
+        model_alias=hold.model_alias,
+        endpoint=details.endpoint,
+        stream=details.stream,
+        input_tokens=usage.input_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        estimated=usage.estimated,
+        cost=cost,
+        status=status,
+        outcome=details.outcome,
+        started_at=details.started_at,
+        first_byte_ms=details.first_byte_ms,
+        duration_ms=details.duration_ms,
+        created_at=now,
+    )
+
+
+def usage_posting(
+    *, hold: Hold, cost: Decimal, now: datetime, is_late: bool, memo: str = ""
+) -> Posting:
+    return Posting(
+        kind=LedgerTransaction.Kind.USAGE,
+        legs=[
+            Leg(account_id=hold.account_id, amount=-cost),
+            Leg(account_id=system_account_id(Account.Kind.REVENUE), amount=cost),
+        ],
+        idempotency_key=request_idempotency_key(hold.request_id),
+        occurred_at=hold.created_at,
+        request_id=hold.request_id,
+        model_alias=hold.model_alias,
+        memo=memo,
+        is_overrun=cost > hold.amount,
+        is_late=is_late,
+    )
+
+
+def hold_settle(
+    *,
+    request_id: str,
+    cost: Decimal,
+    now: datetime,
+    usage: Usage | None = None,
+    details: RequestDetails | None = None,
+) -> SettleResult:
+    """Charge the actual cost and release the rest of the hold, in one short transaction.
+
+    More than held is posted and flagged as an overrun, never dropped. After expiry the usage
+    is still posted once and flagged late. A replay with the same cost returns the original.
+    """
+    if cost < 0:
+        raise InvalidAmount("a cost cannot be negative")
+    with transaction.atomic(durable=True):
+        hold = _hold_lock(request_id)
+        if hold.state == Hold.State.SETTLED or hold.transaction_id is not None:
+            return _settle_replay(hold=hold, cost=cost)
+        if hold.state == Hold.State.RELEASED:
+            raise HoldAlreadyResolved(request_id=request_id, state=hold.state)
+
+        was_active = hold.state == Hold.State.ACTIVE
+        is_late = not was_active or now >= hold.expires_at
+        release = hold.amount if was_active else ZERO
+        txn = None
+        if cost > 0:
+            posting = usage_posting(hold=hold, cost=cost, now=now, is_late=is_late)
+            txn = ledger_post(
+                posting=posting, now=now, held_release={hold.account_id: release}
+            )
+        elif release:
+            Account.objects.filter(pk=hold.account_id).update(held=F("held") - money_value(release))
+        _budget_release(hold=hold, release=release, spent=cost, now=now)
+
+        if was_active:
+            hold.state = Hold.State.SETTLED
+            hold.resolved_at = now
+        hold.settled_amount = cost
+        hold.is_overrun = cost > hold.amount
+        hold.is_late = is_late
+        hold.transaction = txn
+        hold.save(
+            update_fields=["state", "resolved_at", "settled_amount", "is_overrun", "is_late",
+                           "transaction"]
+        )
+        _usage_record_write(
+            hold=hold, usage=usage, cost=cost, status=UsageRecord.Status.SETTLED, details=details,
+            now=now,
+        )
+    return SettleResult(hold=hold, cost=cost, transaction_id=txn.pk if txn else None)
+
+
+def _settle_replay(*, hold: Hold, cost: Decimal) -> SettleResult:
+    """Second settle of the same request: a no-op if it agrees, an error if it does not."""
+    if hold.settled_amount == cost and (
+        hold.transaction_id is None
+        or LedgerTransaction.objects.filter(
+            pk=hold.transaction_id, kind=LedgerTransaction.Kind.USAGE
+        ).exists()
+    ):
+        return SettleResult(hold=hold, cost=cost, transaction_id=hold.transaction_id, replayed=True)
+    if hold.settled_amount is not None and hold.settled_amount != cost:
+        raise IdempotencyConflict(
+            f"request {hold.request_id} was settled at {hold.settled_amount}, not {cost}"
+        )
+    # Charged or written off by finance before this settle arrived: never charge twice.
+    raise HoldAlreadyResolved(request_id=hold.request_id, state="posted by finance")
+
+
+def hold_release(
+    *, request_id: str, now: datetime, details: RequestDetails | None = None
+) -> Hold:
+    """Give the whole hold back (the upstream failed before producing anything)."""
+    with transaction.atomic(durable=True):
+        hold = _hold_lock(request_id)
+        if hold.state == Hold.State.RELEASED:
+            return hold
+        if hold.state != Hold.State.ACTIVE:
+            raise HoldAlreadyResolved(request_id=request_id, state=hold.state)
+        Account.objects.filter(pk=hold.account_id).update(held=F("held") - money_value(hold.amount))
+        _budget_release(hold=hold, release=hold.amount, spent=ZERO, now=now)
+        hold.state = Hold.State.RELEASED
+        hold.resolved_at = now
+        hold.save(update_fields=["state", "resolved_at"])
+        _usage_record_write(
+            hold=hold, usage=None, cost=ZERO, status=UsageRecord.Status.RELEASED, details=details,
+            now=now,
+        )
+    return hold
+
+
+def holds_expire(*, now: datetime, batch_size: int = 5000, max_batches: int | None = None) -> int:
+    """Expire every active hold whose expiry is at or before `now`, in bounded batches.
+
+    Each batch is one short transaction of a fixed number of set-based statements, so memory
+    and lock time do not grow with the number of holds. Holds a settle is working on are
+    skipped (SKIP LOCKED) and left to it.
+    """
+    expired = 0
+    batches = 0
+    while max_batches is None or batches < max_batches:
+        with transaction.atomic(durable=True):
+            count = _holds_expire_batch(now=now, batch_size=batch_size)
+        expired += count
+        batches += 1
+        if count < batch_size:
+            break
+    return expired
+
+
+def _holds_expire_batch(*, now: datetime, batch_size: int) -> int:
+    ids = list(
+        Hold.objects.filter(state=Hold.State.ACTIVE, expires_at__lte=now)
+        .order_by("expires_at", "id")
+        .select_for_update(skip_locked=True)
+        .values_list("id", flat=True)[:batch_size]
+    )
+    if not ids:
+        return 0
+    batch = Hold.objects.filter(id__in=ids)
+    account_totals = (
+        batch.filter(account_id=OuterRef("pk"))
+        .values("account_id")
+        .annotate(total=Sum("amount"))
+        .values("total")
+    )
+    key_totals = (
+        batch.filter(api_key_id=OuterRef("pk"), budgeted=True)
+        .values("api_key_id")
+        .annotate(total=Sum("amount"))
+        .values("total")
+    )
+    # Lock the affected rows in id order first: concurrent sweeps then cannot deadlock.
+    account_ids = list(
+        Account.objects.filter(pk__in=batch.values("account_id"))
+        .order_by("pk")
+        .select_for_update()
+        .values_list("pk", flat=True)
+    )
+    Account.objects.filter(pk__in=account_ids).update(
+        held=F("held") - Subquery(account_totals, output_field=MoneyField())
+    )
+    ApiKey.objects.filter(pk__in=batch.filter(budgeted=True).values("api_key_id")).update(
+        budget_held=F("budget_held") - Subquery(key_totals, output_field=MoneyField())
+    )
+    return batch.update(state=Hold.State.EXPIRED, resolved_at=now)

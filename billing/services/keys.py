@@ -1,0 +1,79 @@
+"""API keys: issued once in clear, stored as a SHA-256 digest."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db import transaction
+
+from billing.errors import AccountNotFound, InvalidAmount
+from billing.models import Account, ApiKey
+
+KEY_PREFIX = "sk-gw-"
+DISPLAY_PREFIX_LENGTH = 14  # "sk-gw-" plus 8 random characters
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    secret: str  # shown once, never stored
+
+
+def api_key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def api_key_issue(
+    *,
+    account_id: int,
+    now: datetime,
+    name: str = "",
+    purpose: str = ApiKey.Purpose.REALTIME,
+    completion_window: str = "",
+    budget_limit: Decimal | None = None,
+    budget_period: str = "",
+    expires_at: datetime | None = None,
+) -> IssuedKey:
+    if purpose not in ApiKey.Purpose.values:
+        raise InvalidAmount(f"unknown purpose {purpose!r}")
+    if (budget_limit is None) != (not budget_period):
+        raise InvalidAmount("a budget needs both an amount and a period")
+    if budget_period and budget_period not in ApiKey.BudgetPeriod.values:
+        raise InvalidAmount(f"unknown budget period {budget_period!r}")
+    if budget_limit is not None and budget_limit < 0:
+        raise InvalidAmount("a budget cannot be negative")
+    if expires_at is not None and expires_at <= now:
+        raise InvalidAmount("the expiry is in the past")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic(durable=True):
+        if not Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).exists():
+            raise AccountNotFound(f"no customer account {account_id}")
+        api_key = ApiKey.objects.create(
+            account_id=account_id,
+            name=name,
+            prefix=secret[:DISPLAY_PREFIX_LENGTH],
+            secret_hash=api_key_hash(secret),
+            purpose=purpose,
+            completion_window=completion_window,
+            budget_limit=budget_limit,
+            budget_period=budget_period,
+            expires_at=expires_at,
+        )
+    return IssuedKey(api_key=api_key, secret=secret)
+
+
+@transaction.atomic(durable=True)
+def api_key_revoke(*, key_id: int, now: datetime) -> ApiKey:
+    try:
+        api_key = ApiKey.objects.select_for_update().get(pk=key_id)
+    except ApiKey.DoesNotExist as exc:
+        raise AccountNotFound(f"no API key {key_id}") from exc
+    if api_key.status != ApiKey.Status.REVOKED:
+        api_key.status = ApiKey.Status.REVOKED
+        api_key.revoked_at = now
+        api_key.save(update_fields=["status", "revoked_at"])
+    return api_key
