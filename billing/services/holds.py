@@ -6,6 +6,7 @@ Lock order everywhere: hold row, then account rows (ascending id), then the API 
 from __future__ import annotations
 
 import calendar
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -355,18 +356,25 @@ def hold_release(
     return hold
 
 
-def holds_expire(*, now: datetime, batch_size: int = 5000, max_batches: int | None = None) -> int:
+def holds_expire(
+    *,
+    now: datetime,
+    batch_size: int = 5000,
+    max_batches: int | None = None,
+    on_expired: Callable[[list[int]], None] | None = None,
+) -> int:
     """Expire every active hold whose expiry is at or before `now`, in bounded batches.
 
     Each batch is one short transaction of a fixed number of set-based statements, so memory
     and lock time do not grow with the number of holds. Holds a settle is working on are
-    skipped (SKIP LOCKED) and left to it.
+    skipped (SKIP LOCKED) and left to it. `on_expired(hold_ids)` runs inside each batch's
+    transaction (reconciliation queues the holds there, atomically with their expiry).
     """
     expired = 0
     batches = 0
     while max_batches is None or batches < max_batches:
         with transaction.atomic(durable=True):
-            count = _holds_expire_batch(now=now, batch_size=batch_size)
+            count = _holds_expire_batch(now=now, batch_size=batch_size, on_expired=on_expired)
         expired += count
         batches += 1
         if count < batch_size:
@@ -374,7 +382,9 @@ def holds_expire(*, now: datetime, batch_size: int = 5000, max_batches: int | No
     return expired
 
 
-def _holds_expire_batch(*, now: datetime, batch_size: int) -> int:
+def _holds_expire_batch(
+    *, now: datetime, batch_size: int, on_expired: Callable[[list[int]], None] | None
+) -> int:
     ids = list(
         Hold.objects.filter(state=Hold.State.ACTIVE, expires_at__lte=now)
         .order_by("expires_at", "id")
@@ -409,4 +419,7 @@ def _holds_expire_batch(*, now: datetime, batch_size: int) -> int:
     ApiKey.objects.filter(pk__in=batch.filter(budgeted=True).values("api_key_id")).update(
         budget_held=F("budget_held") - Subquery(key_totals, output_field=MoneyField())
     )
-    return batch.update(state=Hold.State.EXPIRED, resolved_at=now)
+    count = batch.update(state=Hold.State.EXPIRED, resolved_at=now)
+    if on_expired is not None:
+        on_expired(ids)
+    return count
