@@ -43,9 +43,16 @@ def money_parse(raw: str | int | Decimal) -> Decimal:
         raise MoneyError(f"not a decimal amount: {raw!r}") from exc
     if not amount.is_finite():
         raise MoneyError(f"not a finite amount: {raw!r}")
-    if amount != money_round(amount):
+    try:
+        exact = money_round(amount)
+    except InvalidOperation as exc:
+        # quantize() refuses results longer than the context precision (huge amounts).
+        raise MoneyError(f"out of range: {raw!r}") from exc
+    if amount != exact:
         raise MoneyError(f"more than {MONEY_PLACES} decimal places: {raw!r}")
-    return money_round(amount)
+    if abs(exact.scaleb(MONEY_PLACES)) > MAX_UNITS:
+        raise MoneyError(f"out of range: {raw!r}")
+    return exact
 
 
 def to_units(amount: Decimal) -> int:
