@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import Count, IntegerField, OuterRef, Q, Subquery, Sum, Value
+from django.db.models import Count, QuerySet, IntegerField, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
 from billing.errors import AccountNotFound
@@ -58,12 +58,15 @@ def account_balance_get(*, account_id: int) -> AccountBalance:
     )
 
 
-def account_entries(*, account_id: int, limit: int = 100, before_leg_id: int | None = None):  # type: ignore[no-untyped-def]
-    """The account's legs, newest first, with their transactions."""
+def account_entries(
+    *, account_id: int, limit: int | None = 100, before_leg_id: int | None = None
+) -> QuerySet[LedgerLeg]:
+    """The account's legs, newest first, with their transactions (all of them if no limit)."""
     legs = LedgerLeg.objects.filter(account_id=account_id).select_related("transaction")
     if before_leg_id is not None:
         legs = legs.filter(pk__lt=before_leg_id)
-    return legs.order_by("-pk")[:limit]
+    legs = legs.order_by("-pk")
+    return legs if limit is None else legs[:limit]
 
 
 def leg_as_json(leg: LedgerLeg) -> dict[str, object]:
@@ -173,3 +176,36 @@ def system_balances() -> dict[str, Decimal]:
         .annotate(total=Sum("amount"))
     )
     return {row["account__kind"]: row["total"] for row in rows}
+
+
+def usage_totals(*, account_id: int, start: datetime, end: datetime) -> dict[str, list[dict[str, object]]]:
+    """Usage records of [start, end) summed by UTC day and by model."""
+    from django.db.models.functions import TruncDate
+
+    from billing.models import UsageRecord
+
+    records = UsageRecord.objects.filter(account_id=account_id, started_at__gte=start, started_at__lt=end)
+    sums = {
+        "requests": Count("id"),
+        "input_tokens": Sum("input_tokens"),
+        "cached_input_tokens": Sum("cached_input_tokens"),
+        "cache_write_tokens": Sum("cache_write_tokens"),
+        "output_tokens": Sum("output_tokens"),
+        "reasoning_tokens": Sum("reasoning_tokens"),
+        "cost": Sum("cost"),
+    }
+
+    def rows(group: str) -> list[dict[str, object]]:
+        out = []
+        for row in records.values(group).annotate(**sums).order_by(group):
+            row["cost"] = money_str(row["cost"] or ZERO)
+            if group == "day":
+                row["day"] = row["day"].isoformat()
+            out.append(row)
+        return out
+
+    records = records.annotate(day=TruncDate("started_at"))
+    by_model = [
+        {"model": row.pop("model_alias"), **row} for row in rows("model_alias")
+    ]
+    return {"by_day": rows("day"), "by_model": by_model}

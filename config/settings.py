@@ -55,6 +55,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "gateway.middleware.GatewayMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -63,6 +65,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -133,6 +136,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns when it is missing
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -164,7 +168,18 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = min(
     env_int("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 600), max(1, BILLING_HOLD_TTL_SECONDS - 30)
 )
+# Keys, routes and tariffs are cached per process this long: a revoked key is refused
+# everywhere within a second.
 GATEWAY_CACHE_TTL_SECONDS = 1.0
+
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "gateway": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "LOCATION": "gateway",
+        "OPTIONS": {"MAX_ENTRIES": 100_000},
+    },
+}
 
 # --- Celery -----------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -180,13 +195,20 @@ else:
     }
 CELERY_TASK_TIME_LIMIT = 300
 CELERY_TASK_SOFT_TIME_LIMIT = 240
+# Seconds before Redis hands an unacknowledged task (its worker died) to another worker.
+# It must exceed the longest countdown/ETA (settlement retries: BILLING_SETTLE_RETRY_BACKOFF_MAX,
+# 60 s) plus the time limit (300 s), or Redis redelivers a task that is merely waiting.
+# Tests shorten it (CELERY_VISIBILITY_TIMEOUT=5) to watch a killed worker's task come back.
+CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600)
+_redis_transport_options: dict[str, object] = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
+if CELERY_VISIBILITY_TIMEOUT < 60:
+    # kombu scans for abandoned tasks every interval x throttle (100 s by default).
+    _redis_transport_options |= {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 CELERY_BROKER_TRANSPORT_OPTIONS = (
-    # The visibility timeout must exceed the longest countdown/ETA plus the time limit, or
-    # Redis redelivers a task that is merely waiting.
-    {"visibility_timeout": 3600}
-    if REDIS_URL
-    else CELERY_BROKER_TRANSPORT_OPTIONS_FS
+    _redis_transport_options if REDIS_URL else CELERY_BROKER_TRANSPORT_OPTIONS_FS
 )
+# Tests give their worker a queue of its own so it never takes another run's tasks.
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "celery")
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -195,9 +217,22 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+# Settlement retries (reconciliation/tasks.py): delay doubles from 1 s to this cap, with jitter;
+# BILLING_SETTLE_MAX_RETRIES retries span at least 10 minutes at the default cap. Tests lower
+# the cap (BILLING_SETTLE_RETRY_BACKOFF_MAX=1) to keep a real worker's retries quick.
+BILLING_SETTLE_RETRY_BACKOFF_MAX = env_int("BILLING_SETTLE_RETRY_BACKOFF_MAX", 60)
+BILLING_SETTLE_MAX_RETRIES = env_int("BILLING_SETTLE_MAX_RETRIES", 25)
 
 # --- Observability ----------------------------------------------------------------------------
 SENTRY_DSN = os.environ.get("SENTRY_DSN", "")
+if SENTRY_DSN:
+    from config.sentry import sentry_init
+
+    sentry_init(
+        dsn=SENTRY_DSN,
+        environment=env_str("SENTRY_ENVIRONMENT", ""),
+        release=env_str("SENTRY_RELEASE", ""),
+    )
 PROMETHEUS_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 
 LOGGING = {

@@ -1,0 +1,26 @@
+"""API key authentication for DRF: `Authorization: Bearer <key>` or `x-api-key: <key>`."""
+
+from __future__ import annotations
+
+from django.utils import timezone
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+
+from billing.models import ApiKey
+from gateway.selectors import api_key_authenticate
+
+
+def request_secret(request: Request) -> str:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    def authenticate(self, request: Request) -> tuple[None, ApiKey]:
+        # Raises a 401 GatewayError; every gateway request must carry a key.
+        return None, api_key_authenticate(secret=request_secret(request), now=timezone.now())
+
+    def authenticate_header(self, request: Request) -> str:
+        return "Bearer"

@@ -1,0 +1,100 @@
+"""Every error the gateway returns, in the calling endpoint's provider shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.http import JsonResponse
+
+from billing.errors import (
+    AccountInactive,
+    BillingError,
+    BudgetExceeded,
+    IdempotencyConflict,
+    InsufficientFunds,
+    ModelNotPriced,
+)
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+
+# OpenAI error "type" values by status; Anthropic has its own names.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+}
+
+
+@dataclass
+class GatewayError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code or self.type}: {self.message}"
+
+
+def invalid_param(param: str, message: str) -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", "invalid_value", param)
+
+
+def error_body(error: GatewayError, style: str) -> dict[str, object]:
+    if style == ANTHROPIC:
+        return {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_TYPES.get(error.status, "api_error"), "message": error.message},
+        }
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def error_response(error: GatewayError, style: str, request_id: str | None = None) -> JsonResponse:
+    response = JsonResponse(error_body(error, style), status=error.status)
+    if request_id:
+        response["x-request-id"] = request_id
+    return response
+
+
+def error_from_billing(exc: BillingError) -> GatewayError:
+    if isinstance(exc, InsufficientFunds):
+        return GatewayError(
+            402, "Insufficient credit for this request's worst-case cost.",
+            "insufficient_quota", "insufficient_quota",
+        )
+    if isinstance(exc, BudgetExceeded):
+        return GatewayError(
+            403, "This API key's spend budget for the period is exhausted.",
+            "budget_exceeded", "budget_exceeded",
+        )
+    if isinstance(exc, AccountInactive):
+        return GatewayError(403, f"The account is {exc.status}.", "permission_error", "account_inactive")
+    if isinstance(exc, ModelNotPriced):
+        return GatewayError(
+            400, f"The model {exc.model_alias!r} has no price and cannot be billed.",
+            "invalid_request_error", "model_not_priced", "model",
+        )
+    if isinstance(exc, IdempotencyConflict):
+        return GatewayError(409, str(exc), "invalid_request_error", "idempotency_conflict")
+    return GatewayError(500, "Billing failed.", "server_error", "billing_error")
+
+
+def style_for_path(path: str) -> str:
+    return ANTHROPIC if path.startswith("/v1/messages") else OPENAI

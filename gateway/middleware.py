@@ -1,0 +1,76 @@
+"""Gateway framing for /v1/: a request id on every response, body size limit, and provider-
+shaped JSON for every error, including 404, 413 and 500 raised outside the views."""
+
+from __future__ import annotations
+
+
+import logging
+import uuid
+from collections.abc import Callable
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponseBase
+
+from gateway.errors import GatewayError, error_response, style_for_path
+
+logger = logging.getLogger(__name__)
+
+_STATUS_ERRORS = {
+    404: GatewayError(404, "Unknown endpoint.", "invalid_request_error", "unknown_url"),
+    405: GatewayError(405, "Method not allowed.", "invalid_request_error", "method_not_allowed"),
+    413: GatewayError(413, "The request body is too large.", "invalid_request_error", "request_too_large"),
+    500: GatewayError(500, "The gateway hit an internal error.", "server_error", "internal_error"),
+}
+
+
+def too_large() -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body exceeds {settings.GATEWAY_MAX_BODY_BYTES} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+class GatewayMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if not request.path.startswith("/v1/"):
+            return self.get_response(request)
+        request_id = "req_" + uuid.uuid4().hex
+        request.request_id = request_id  # type: ignore[attr-defined]
+        style = style_for_path(request.path)
+        response = self._checked_body(request, style) or self.get_response(request)
+        if response.status_code >= 400 and "json" not in response.get("Content-Type", ""):
+            error = _STATUS_ERRORS.get(response.status_code) or GatewayError(
+                response.status_code, "Request failed.", "invalid_request_error"
+            )
+            response = error_response(error, style)
+        response["x-request-id"] = request_id
+        return response
+
+    def _checked_body(self, request: HttpRequest, style: str) -> HttpResponseBase | None:
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return None
+        try:
+            declared = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            declared = 0
+        if declared > settings.GATEWAY_MAX_BODY_BYTES:
+            return error_response(too_large(), style)
+        try:
+            request.body  # noqa: B018 - enforces DATA_UPLOAD_MAX_MEMORY_SIZE for chunked bodies
+        except RequestDataTooBig:
+            return error_response(too_large(), style)
+        return None
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
+        if not request.path.startswith("/v1/"):
+            return None
+        logger.exception("unhandled gateway error (request %s)", getattr(request, "request_id", "?"))
+        return error_response(_STATUS_ERRORS[500], style_for_path(request.path))
+
+

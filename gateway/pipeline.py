@@ -1,0 +1,350 @@
+"""The one billing pipeline every endpoint goes through.
+
+authenticate (DRF) -> validate -> resolve model and price -> estimate the worst case -> hold
+-> give the DB connection back -> call upstream -> relay -> settle.
+
+The view body runs in a worker thread; the streaming relay runs on the event loop. Settlement
+is awaited inside the relay (shielded from the client's cancellation) and the stream's last
+bytes go out only after it has committed. A settle that cannot be written is handed to the
+retry task; the hold stays until it is settled or expires into reconciliation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
+from rest_framework.request import Request
+
+from billing import metrics
+from billing.errors import BillingError, HoldAlreadyResolved, IdempotencyConflict
+from billing.models import ApiKey
+from billing.money import QUANTUM, money_str
+from billing.pricing import Price, Usage
+from billing.services.holds import RequestDetails, hold_place, hold_release, hold_settle
+from gateway.errors import GatewayError, error_from_billing, invalid_param
+from gateway.selectors import ModelContext, model_context_get, price_select
+from gateway.tokens import messages_tokens, text_tokens, with_margin
+from gateway.upstreams.base import Adapter, ParsedRequest, StreamState
+from gateway.upstreams.client import UpstreamCall, UpstreamFailure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BilledRequest:
+    """Everything the later stages need, fixed once the hold is placed."""
+
+    request_id: str
+    adapter: type[Adapter]
+    parsed: ParsedRequest
+    context: ModelContext
+    price: Price
+    prompt_tokens: int  # our count, without the hold's margin
+    hold_amount: Decimal
+    started_at: datetime
+    started: float  # monotonic
+    first_byte_ms: int | None = None
+
+    def details(self, outcome: str) -> RequestDetails:
+        return RequestDetails(
+            endpoint=self.adapter.endpoint,
+            started_at=self.started_at,
+            stream=self.parsed.stream,
+            outcome=outcome,
+            first_byte_ms=self.first_byte_ms,
+            duration_ms=int((time.monotonic() - self.started) * 1000),
+        )
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte_ms is None:
+            elapsed = time.monotonic() - self.started
+            self.first_byte_ms = int(elapsed * 1000)
+            metrics.TIME_TO_FIRST_BYTE.labels(self.adapter.endpoint).observe(elapsed)
+
+
+def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -> HttpResponse:
+    request_id: str = request._request.request_id  # type: ignore[attr-defined]
+    started = time.monotonic()
+    now = timezone.now()
+    parsed = adapter.parse(request.data)
+    context = model_context_get(alias=parsed.model)
+    try:
+        price = price_select(context=context, api_key=api_key, at=now)
+    except BillingError as exc:
+        raise error_from_billing(exc) from exc
+    max_output = parsed.max_output_tokens or context.max_output_tokens
+    if max_output > context.max_output_tokens:
+        raise invalid_param(
+            parsed.max_tokens_param,
+            f"'{parsed.max_tokens_param}' is too large: this model allows at most "
+            f"{context.max_output_tokens}.",
+        )
+    prompt_tokens = messages_tokens(parsed.messages, system=parsed.system)
+    hold_amount = max(
+        price.worst_case(prompt_tokens=with_margin(prompt_tokens), max_output_tokens=max_output * parsed.n),
+        QUANTUM,
+    )
+    try:
+        hold_place(
+            api_key=api_key, request_id=request_id, amount=hold_amount, now=now,
+            model_alias=parsed.model,
+        )
+    except BillingError as exc:
+        metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
+        raise error_from_billing(exc) from exc
+    metrics.HOLDS.labels("placed").inc()
+    # No DB connection is held while we wait on the upstream: a few slow streams would
+    # otherwise exhaust the pool.
+    connection.close()
+
+    billed = BilledRequest(
+        request_id=request_id, adapter=adapter, parsed=parsed, context=context, price=price,
+        prompt_tokens=prompt_tokens, hold_amount=hold_amount, started_at=now, started=started,
+    )
+    url, headers, body = adapter.upstream_request(
+        parsed, context.target(), max_output_tokens=max_output,
+        anthropic_version=request.headers.get("anthropic-version"),
+    )
+    timeout = aiohttp.ClientTimeout(
+        # The whole call, stream included, ends before the hold expires.
+        total=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
+        sock_connect=context.connect_timeout,
+        sock_read=context.read_timeout,
+    )
+    try:
+        if parsed.stream:
+            call, state, first = async_to_sync(_stream_open)(billed, url, headers, body, timeout)
+        else:
+            payload = async_to_sync(_call_json)(url, headers, body, timeout)
+    except UpstreamFailure as failure:
+        # Nothing reached the client: the whole hold goes back, on every endpoint.
+        _release(billed, outcome=f"upstream_{failure.kind}")
+        metrics.UPSTREAM_ERRORS.labels("before_first_byte", failure.kind).inc()
+        raise upstream_error(failure) from failure
+    except BaseException:
+        _release(billed, outcome="gateway_error")
+        raise
+
+    if parsed.stream:
+        response = StreamingHttpResponse(
+            _relay(billed, call, state, first), content_type=adapter.stream_content_type
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+    billed.mark_first_byte()
+    usage = adapter.usage_from_body(payload)
+    if usage is None:
+        usage = _estimated_usage(billed, reported=None, generated=adapter.texts_from_body(payload))
+    cost = _settle(billed, usage=usage, outcome="completed")
+    response = JsonResponse(adapter.with_cost(payload, usage=usage, cost=money_str(cost)))
+    response["x-request-cost"] = money_str(cost)
+    return response
+
+
+async def _call_json(
+    url: str, headers: dict[str, str], body: dict[str, Any], timeout: aiohttp.ClientTimeout
+) -> dict[str, Any]:
+    call = await UpstreamCall.open(url=url, headers=headers, body=body, timeout=timeout)
+    return await call.read_json()
+
+
+async def _stream_open(
+    billed: BilledRequest, url: str, headers: dict[str, str], body: dict[str, Any],
+    timeout: aiohttp.ClientTimeout,
+) -> tuple[UpstreamCall, StreamState, bytes]:
+    """Open the upstream stream and wait for its first event, so that a failure before the
+    first byte is still answered with a proper status and a full release."""
+    call = await UpstreamCall.open(url=url, headers=headers, body=body, timeout=timeout)
+    try:
+        first = await call.next_event()
+    except BaseException:
+        call.close()
+        raise
+    if first is None:
+        call.close()
+        raise UpstreamFailure("protocol", "the upstream closed the stream before sending anything")
+    return call, billed.adapter.stream_state(billed.parsed), first
+
+
+async def _relay(
+    billed: BilledRequest, call: UpstreamCall, state: StreamState, first: bytes
+) -> AsyncIterator[bytes]:
+    outcome = "completed"
+    try:
+        event: bytes | None = first
+        while event is not None:
+            out = state.feed(event)
+            if out:
+                billed.mark_first_byte()
+                yield out
+            if state.finished:
+                break
+            event = await call.next_event()
+        if not state.finished:
+            outcome = "upstream_incomplete"
+    except UpstreamFailure as failure:
+        outcome = f"upstream_{failure.kind}"
+    except ValueError:  # a chunk that is not JSON
+        outcome = "upstream_protocol"
+    except (asyncio.CancelledError, GeneratorExit):
+        # The client went away: stop the upstream, bill what was generated, never free.
+        call.close()
+        await _settle_protected(billed, state, outcome="client_disconnected")
+        raise
+    finally:
+        call.close()
+
+    if outcome != "completed":
+        metrics.UPSTREAM_ERRORS.labels("mid_stream", outcome).inc()
+    usage, cost = await _settle_protected(billed, state, outcome=outcome)
+    metrics.STREAM_DURATION.labels(billed.adapter.endpoint).observe(time.monotonic() - billed.started)
+    if outcome == "completed":
+        yield state.closing(usage=usage, cost=cost)
+    else:
+        yield billed.adapter.stream_error("The upstream failed mid-stream; the partial output was billed.")
+
+
+async def _settle_protected(
+    billed: BilledRequest, state: StreamState, *, outcome: str
+) -> tuple[Usage, Decimal]:
+    """Settle from the stream's state; a cancellation of the client's request cannot cut it
+    short (the settle runs to completion in its own task, and we wait for it)."""
+    complete = outcome == "completed" and state.usage is not None
+    usage = state.usage if complete else _estimated_usage(
+        billed, reported=state.usage, generated=state.texts
+    )
+    assert usage is not None
+    task = asyncio.ensure_future(
+        sync_to_async(_settle, thread_sensitive=False)(billed, usage=usage, outcome=outcome)
+    )
+    try:
+        cost = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cost = await task
+        raise
+    return usage, cost
+
+
+def _estimated_usage(billed: BilledRequest, *, reported: Usage | None, generated: list[str]) -> Usage:
+    """Usage when the upstream reported none (or only part): our own token counts."""
+    output = sum(text_tokens(text) for text in generated)
+    if reported is not None and reported.prompt_tokens:
+        return Usage(
+            input_tokens=reported.input_tokens,
+            cached_input_tokens=reported.cached_input_tokens,
+            cache_write_tokens=reported.cache_write_tokens,
+            output_tokens=max(reported.output_tokens, output),
+            reasoning_tokens=reported.reasoning_tokens,
+            estimated=True,
+        )
+    return Usage(input_tokens=billed.prompt_tokens, output_tokens=output, estimated=True)
+
+
+def _settle(billed: BilledRequest, *, usage: Usage, outcome: str) -> Decimal:
+    """Post the exact cost (sync, in a worker thread). Never raises for a DB failure: the
+    settle is handed to the retry task instead, and the hold stays until it lands."""
+    cost = billed.price.cost(usage)
+    details = billed.details(outcome)
+    started = time.monotonic()
+    try:
+        result = hold_settle(
+            request_id=billed.request_id, cost=cost, now=timezone.now(), usage=usage, details=details
+        )
+    except DatabaseError as exc:
+        logger.warning("settle of %s failed (%s); handing it to the retry task",
+                       billed.request_id, type(exc).__name__)
+        metrics.SETTLEMENTS.labels("handed_off").inc()
+        _handoff(billed, usage=usage, cost=cost, details=details, error=f"{type(exc).__name__}: {exc}")
+        return cost
+    except (HoldAlreadyResolved, IdempotencyConflict) as exc:
+        logger.error("settle of %s refused: %s", billed.request_id, exc)
+        metrics.SETTLEMENTS.labels("refused").inc()
+        return cost
+    finally:
+        connection.close()
+    metrics.SETTLE_LATENCY.observe(time.monotonic() - started)
+    metrics.SETTLEMENTS.labels("replayed" if result.replayed else "settled").inc()
+    if result.is_overrun:
+        metrics.SETTLEMENTS.labels("overrun").inc()
+        logger.warning("request %s overran its hold: cost %s > held %s",
+                       billed.request_id, cost, billed.hold_amount)
+    if result.is_late:
+        metrics.SETTLEMENTS.labels("late").inc()
+    metrics.HOLDS.labels("settled").inc()
+    metrics.SETTLED_USD.inc(float(cost))  # metric only: money itself never passes a float
+    if usage.estimated:
+        metrics.ESTIMATED_USAGE.inc()
+    _count_tokens(billed.parsed.model, usage)
+    return cost
+
+
+def _count_tokens(model: str, usage: Usage) -> None:
+    for kind, count in (
+        ("input", usage.input_tokens),
+        ("cached_input", usage.cached_input_tokens),
+        ("cache_write", usage.cache_write_tokens),
+        ("output", usage.output_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ):
+        if count:
+            metrics.TOKENS.labels(model, kind).inc(count)
+
+
+def _handoff(billed: BilledRequest, *, usage: Usage, cost: Decimal, details: RequestDetails, error: str) -> None:
+    try:
+        from reconciliation.services.failures import settlement_handoff
+    except ImportError:  # pragma: no cover - reconciliation not installed
+        logger.error("no retry path: request %s stays held until it expires", billed.request_id)
+        return
+    settlement_handoff(
+        request_id=billed.request_id, cost=cost, usage=usage, details=details, error=error
+    )
+
+
+def _release(billed: BilledRequest, *, outcome: str) -> None:
+    try:
+        hold_release(request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome))
+        metrics.HOLDS.labels("released").inc()
+    except DatabaseError:
+        # The hold stays and the sweeper reclaims it at expiry; the client still gets the
+        # upstream's error.
+        logger.exception("release of %s failed; it will expire", billed.request_id)
+    finally:
+        connection.close()
+
+
+def upstream_error(failure: UpstreamFailure) -> GatewayError:
+    if failure.kind == "timeout":
+        return GatewayError(504, "The upstream provider timed out.", "server_error", "upstream_timeout")
+    if failure.kind == "status" and failure.status is not None:
+        message = _upstream_message(failure.body) or f"The upstream provider answered {failure.status}."
+        if failure.status == 429:
+            return GatewayError(429, message, "rate_limit_error", "rate_limit_exceeded")
+        if failure.status in (400, 404, 409, 413, 422):
+            return GatewayError(400, message, "invalid_request_error", "upstream_rejected")
+    return GatewayError(502, "The upstream provider failed.", "server_error", "upstream_error")
+
+
+def _upstream_message(body: Any) -> str:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+    return ""
+
+

@@ -1,0 +1,142 @@
+"""Per-request reads, cached in-process for GATEWAY_CACHE_TTL_SECONDS (1 s).
+
+A revoked key or a changed route or tariff is therefore seen by every process within a second;
+the hold itself is always checked against the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.cache import caches
+
+from billing import metrics
+from billing.errors import ModelNotPriced
+from billing.models import ApiKey, LanguageModel, Tariff
+from billing.pricing import Price, tariff_choose
+from billing.services.keys import api_key_hash
+from gateway.errors import GatewayError
+from gateway.models import Route
+from gateway.upstreams.base import UpstreamTarget
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+def _cache():  # type: ignore[no-untyped-def]
+    return caches["gateway"]
+
+
+def api_key_authenticate(*, secret: str, now: datetime) -> ApiKey:
+    """The active, unexpired key for `secret`, or a 401 GatewayError."""
+    if not secret:
+        raise GatewayError(401, "Missing API key.", "invalid_request_error", "missing_api_key")
+    digest = api_key_hash(secret)
+    cache_key = f"key:{digest}"
+    api_key = _cache().get(cache_key, _MISSING)
+    if api_key is _MISSING:
+        api_key = ApiKey.objects.filter(secret_hash=digest).first()
+        _cache().set(cache_key, api_key, settings.GATEWAY_CACHE_TTL_SECONDS)
+    if api_key is None:
+        raise GatewayError(401, "Invalid API key.", "invalid_request_error", "invalid_api_key")
+    if api_key.status != ApiKey.Status.ACTIVE:
+        raise GatewayError(401, "This API key has been revoked.", "invalid_request_error", "invalid_api_key")
+    if api_key.expires_at is not None and api_key.expires_at <= now:
+        raise GatewayError(401, "This API key has expired.", "invalid_request_error", "invalid_api_key")
+    return api_key
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    alias: str
+    target_kind: str
+    base_url: str
+    api_key_env: str
+    upstream_model: str
+    max_output_tokens: int
+    connect_timeout: float
+    read_timeout: float
+    tariffs: tuple[Tariff, ...]
+
+    def target(self) -> UpstreamTarget:
+        return UpstreamTarget(
+            kind=self.target_kind,
+            base_url=self.base_url,
+            api_key=os.environ.get(self.api_key_env, "") if self.api_key_env else "",
+            upstream_model=self.upstream_model,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+        )
+
+
+def model_context_get(*, alias: str) -> ModelContext:
+    cache_key = f"model:{alias}"
+    context = _cache().get(cache_key, _MISSING)
+    if context is _MISSING:
+        route = Route.objects.select_related("upstream", "model").filter(model__alias=alias).first()
+        context = None
+        if route is not None:
+            context = ModelContext(
+                alias=alias,
+                target_kind=route.upstream.kind,
+                base_url=route.upstream.base_url,
+                api_key_env=route.upstream.api_key_env,
+                upstream_model=route.upstream_model,
+                max_output_tokens=route.max_output_tokens,
+                connect_timeout=route.upstream.connect_timeout_seconds,
+                read_timeout=route.upstream.read_timeout_seconds,
+                tariffs=tuple(Tariff.objects.filter(model=route.model)),
+            )
+        _cache().set(cache_key, context, settings.GATEWAY_CACHE_TTL_SECONDS)
+    if context is None:
+        raise GatewayError(
+            404, f"The model '{alias}' does not exist or you do not have access to it.",
+            "invalid_request_error", "model_not_found", "model",
+        )
+    return context
+
+
+def _default_price() -> Price | None:
+    if settings.BILLING_DEFAULT_INPUT_PER_MTOK and settings.BILLING_DEFAULT_OUTPUT_PER_MTOK:
+        return Price(
+            input_per_mtok=Decimal(settings.BILLING_DEFAULT_INPUT_PER_MTOK),
+            output_per_mtok=Decimal(settings.BILLING_DEFAULT_OUTPUT_PER_MTOK),
+        )
+    return None
+
+
+def price_select(*, context: ModelContext, api_key: ApiKey, at: datetime) -> Price:
+    """The price for this key and model now; the default price (counted, logged) if allowed."""
+    tariff = tariff_choose(
+        context.tariffs, purpose=api_key.purpose, completion_window=api_key.completion_window, at=at
+    )
+    if tariff is not None:
+        return tariff.price
+    default = _default_price()
+    if default is None:
+        raise ModelNotPriced(model_alias=context.alias)
+    metrics.DEFAULT_PRICE_USED.inc()
+    logger.warning("model %s has no tariff: billed at the default price", context.alias)
+    return default
+
+
+def models_for_key(*, api_key: ApiKey, at: datetime) -> list[str]:
+    """Aliases this key can be billed for right now."""
+    routed = LanguageModel.objects.filter(route__isnull=False).prefetch_related("tariffs")
+    allow_default = _default_price() is not None
+    return sorted(
+        model.alias
+        for model in routed
+        if allow_default
+        or tariff_choose(
+            model.tariffs.all(), purpose=api_key.purpose,
+            completion_window=api_key.completion_window, at=at,
+        )
+        is not None
+    )

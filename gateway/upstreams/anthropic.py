@@ -1,0 +1,154 @@
+"""Anthropic Messages: `POST {base}/v1/messages`, base URL without /v1."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from billing.money import money_str
+from billing.pricing import Usage
+from gateway.errors import ANTHROPIC, invalid_param
+from gateway.upstreams.base import (
+    ABSURD_MAX_TOKENS,
+    Adapter,
+    ParsedRequest,
+    StreamState,
+    UpstreamTarget,
+    body_object,
+    require_bool,
+    require_int,
+    require_messages,
+    require_model,
+)
+from gateway.upstreams.client import UpstreamFailure, sse_event, sse_fields
+
+DEFAULT_VERSION = "2023-06-01"
+
+
+def anthropic_usage(raw: dict[str, Any] | None, previous: Usage | None = None) -> Usage | None:
+    """Anthropic reports cache reads and writes beside input_tokens. Usage in message_delta is
+    cumulative: later values replace earlier ones, fields it omits keep their value."""
+    if not isinstance(raw, dict):
+        return previous
+    base = previous or Usage()
+
+    def pick(key: str, current: int) -> int:
+        value = raw.get(key)
+        return current if value is None else int(value)
+
+    return Usage(
+        input_tokens=pick("input_tokens", base.input_tokens),
+        cached_input_tokens=pick("cache_read_input_tokens", base.cached_input_tokens),
+        cache_write_tokens=pick("cache_creation_input_tokens", base.cache_write_tokens),
+        output_tokens=pick("output_tokens", base.output_tokens),
+    )
+
+
+def anthropic_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "cache_read_input_tokens": usage.cached_input_tokens,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+        "output_tokens": usage.output_tokens,
+        "cost": cost,
+        "estimated": usage.estimated,
+    }
+
+
+class AnthropicStreamState(StreamState):
+    message_delta: dict[str, Any] | None = None
+
+    def feed(self, event: bytes) -> bytes | None:
+        name, data = sse_fields(event)
+        if not data:
+            return event
+        payload = json.loads(data)
+        kind = payload.get("type") or name
+        if kind == "message_start":
+            self.usage = anthropic_usage((payload.get("message") or {}).get("usage"), self.usage)
+        elif kind == "content_block_delta":
+            delta = payload.get("delta") or {}
+            text = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
+            if text:
+                self.texts.append(text)
+        elif kind == "message_delta":
+            self.usage = anthropic_usage(payload.get("usage"), self.usage)
+            self.message_delta = payload
+            return None  # re-sent after the settle, with the cost
+        elif kind == "message_stop":
+            self.finished = True
+            return None
+        elif kind == "error":
+            raise UpstreamFailure("protocol", "the upstream sent an error event")
+        return event
+
+    def closing(self, *, usage: Usage, cost: Decimal) -> bytes:
+        delta = self.message_delta or {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        }
+        delta = {**delta, "usage": anthropic_usage_json(usage, money_str(cost))}
+        return sse_event(delta, "message_delta") + sse_event({"type": "message_stop"}, "message_stop")
+
+
+class AnthropicMessages(Adapter):
+    endpoint = "messages"
+    style = ANTHROPIC
+
+    @classmethod
+    def parse(cls, body: Any) -> ParsedRequest:
+        body = body_object(body)
+        model = require_model(body)
+        messages = require_messages(body)
+        stream = require_bool(body, "stream")
+        if "max_tokens" not in body:
+            raise invalid_param("max_tokens", "'max_tokens' is required.")
+        max_tokens = require_int(body, "max_tokens", minimum=1, maximum=ABSURD_MAX_TOKENS)
+        system = body.get("system")
+        if system is not None and not isinstance(system, str | list):
+            raise invalid_param("system", "'system' must be a string or an array of blocks.")
+        return ParsedRequest(
+            body=body, model=model, messages=messages, stream=stream, include_usage=True,
+            max_output_tokens=max_tokens, max_tokens_param="max_tokens", system=system,
+        )
+
+    @classmethod
+    def upstream_request(
+        cls, parsed: ParsedRequest, target: UpstreamTarget, *, max_output_tokens: int,
+        anthropic_version: str | None,
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+        body = dict(parsed.body)
+        body["model"] = target.upstream_model
+        body["max_tokens"] = max_output_tokens
+        headers = {
+            "Content-Type": "application/json",
+            "anthropic-version": anthropic_version or DEFAULT_VERSION,
+        }
+        if target.api_key:
+            headers["x-api-key"] = target.api_key
+        return f"{target.base_url.rstrip('/')}/v1/messages", headers, body
+
+    @classmethod
+    def usage_from_body(cls, body: dict[str, Any]) -> Usage | None:
+        return anthropic_usage(body.get("usage"))
+
+    @classmethod
+    def texts_from_body(cls, body: dict[str, Any]) -> list[str]:
+        return [
+            block.get("text") or ""
+            for block in body.get("content") or []
+            if isinstance(block, dict) and block.get("type") == "text"
+        ]
+
+    @classmethod
+    def with_cost(cls, body: dict[str, Any], *, usage: Usage, cost: str) -> dict[str, Any]:
+        return {**body, "usage": anthropic_usage_json(usage, cost)}
+
+    @classmethod
+    def stream_state(cls, parsed: ParsedRequest) -> StreamState:
+        return AnthropicStreamState(parsed=parsed)
+
+    @classmethod
+    def stream_error(cls, message: str) -> bytes:
+        return sse_event({"type": "error", "error": {"type": "api_error", "message": message}}, "error")

@@ -1,0 +1,147 @@
+"""What every endpoint adapter provides to the one billing pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from billing.pricing import Usage
+from gateway.errors import GatewayError, invalid_param
+from gateway.tokens import text_tokens
+
+# Anything above this is a client bug, whatever the route allows.
+ABSURD_MAX_TOKENS = 10_000_000
+
+
+@dataclass
+class ParsedRequest:
+    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool  # the client asked to see the usage chunk (OpenAI streams)
+    max_output_tokens: int | None  # what the client asked for, if anything
+    max_tokens_param: str
+    n: int = 1
+    system: Any = None
+
+
+@dataclass
+class UpstreamTarget:
+    """Where and how to call for one route (read from the route cache)."""
+
+    kind: str
+    base_url: str
+    api_key: str
+    upstream_model: str
+    connect_timeout: float
+    read_timeout: float
+
+
+def require_int(body: dict[str, Any], param: str, *, minimum: int, maximum: int) -> int | None:
+    value = body.get(param)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid_param(param, f"'{param}' must be an integer.")
+    if value < minimum:
+        raise invalid_param(param, f"'{param}' must be at least {minimum}.")
+    if value > maximum:
+        raise invalid_param(param, f"'{param}' must be at most {maximum}.")
+    return value
+
+
+def require_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid_param("messages", "'messages' must be a non-empty array.")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise invalid_param(f"messages[{index}]", "each message needs a string 'role'.")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise invalid_param(
+                f"messages[{index}].content", "'content' must be a string or an array of parts."
+            )
+    return messages
+
+
+def require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid_param("model", "'model' is required and must be a string.")
+    return model
+
+
+def require_bool(body: dict[str, Any], param: str) -> bool:
+    value = body.get(param, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid_param(param, f"'{param}' must be a boolean.")
+    return value
+
+
+@dataclass
+class StreamState:
+    """Per-stream bookkeeping: what to relay, what to hold back until the settle commits."""
+
+    parsed: ParsedRequest
+    usage: Usage | None = None
+    texts: list[str] = field(default_factory=list)
+    finished: bool = False  # the provider's own end marker arrived
+
+    def feed(self, event: bytes) -> bytes | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def closing(self, *, usage: Usage, cost: Decimal) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generated_tokens(self) -> int:
+        return sum(text_tokens(text) for text in self.texts)
+
+
+class Adapter:
+    """Wire format of one endpoint: validation, upstream request, usage, errors."""
+
+    endpoint: ClassVar[str]
+    style: ClassVar[str]
+    stream_content_type: ClassVar[str] = "text/event-stream"
+
+    @classmethod
+    def parse(cls, body: Any) -> ParsedRequest:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def upstream_request(
+        cls, parsed: ParsedRequest, target: UpstreamTarget, *, max_output_tokens: int,
+        anthropic_version: str | None,
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def usage_from_body(cls, body: dict[str, Any]) -> Usage | None:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def texts_from_body(cls, body: dict[str, Any]) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def with_cost(cls, body: dict[str, Any], *, usage: Usage, cost: str) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def stream_state(cls, parsed: ParsedRequest) -> StreamState:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def stream_error(cls, message: str) -> bytes:  # pragma: no cover
+        raise NotImplementedError
+
+
+def body_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise GatewayError(400, "The request body must be a JSON object.", param=None)
+    return body

@@ -1,0 +1,161 @@
+"""OpenAI Chat Completions: `POST {base}/chat/completions`, base URL including /v1."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from billing.money import money_str
+from billing.pricing import Usage
+from gateway.errors import OPENAI, invalid_param
+from gateway.upstreams.base import (
+    ABSURD_MAX_TOKENS,
+    Adapter,
+    ParsedRequest,
+    StreamState,
+    UpstreamTarget,
+    body_object,
+    require_bool,
+    require_int,
+    require_messages,
+    require_model,
+)
+from gateway.upstreams.client import sse_event, sse_fields
+
+
+def openai_usage(raw: dict[str, Any] | None) -> Usage | None:
+    """OpenAI counts cached tokens inside prompt_tokens and reasoning inside completion_tokens."""
+    if not isinstance(raw, dict):
+        return None
+    prompt = int(raw.get("prompt_tokens") or 0)
+    completion = int(raw.get("completion_tokens") or 0)
+    cached = int((raw.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    reasoning = int((raw.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+    return Usage(
+        input_tokens=max(prompt - cached, 0),
+        cached_input_tokens=cached,
+        output_tokens=completion,
+        reasoning_tokens=reasoning,
+    )
+
+
+def openai_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.prompt_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "cost": cost,
+        "estimated": usage.estimated,
+    }
+
+
+class OpenAIStreamState(StreamState):
+    usage_chunk: dict[str, Any] | None = None
+
+    def feed(self, event: bytes) -> bytes | None:
+        _, data = sse_fields(event)
+        if data == b"[DONE]":
+            self.finished = True
+            return None
+        if not data:
+            return event
+        chunk = json.loads(data)
+        if "error" in chunk and "choices" not in chunk:
+            from gateway.upstreams.client import UpstreamFailure
+
+            raise UpstreamFailure("protocol", "the upstream sent an error event")
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = openai_usage(usage)
+        choices = chunk.get("choices") or []
+        for choice in choices:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                self.texts.append(content)
+        if usage and not choices:
+            # The usage chunk goes out after the settle, with its cost (or not at all).
+            self.usage_chunk = chunk
+            return None
+        return event
+
+    def closing(self, *, usage: Usage, cost: Decimal) -> bytes:
+        parts = []
+        if self.parsed.include_usage:
+            chunk = self.usage_chunk or {
+                "object": "chat.completion.chunk",
+                "model": self.parsed.model,
+                "choices": [],
+            }
+            chunk = {**chunk, "usage": openai_usage_json(usage, money_str(cost))}
+            parts.append(sse_event(chunk))
+        parts.append(b"data: [DONE]\n\n")
+        return b"".join(parts)
+
+
+class OpenAIChat(Adapter):
+    endpoint = "chat.completions"
+    style = OPENAI
+
+    @classmethod
+    def parse(cls, body: Any) -> ParsedRequest:
+        body = body_object(body)
+        model = require_model(body)
+        messages = require_messages(body)
+        stream = require_bool(body, "stream")
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise invalid_param("stream_options", "'stream_options' must be an object.")
+        include_usage = bool(options and options.get("include_usage") is True)
+        param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        max_tokens = require_int(body, param, minimum=1, maximum=ABSURD_MAX_TOKENS)
+        n = require_int(body, "n", minimum=1, maximum=128) or 1
+        return ParsedRequest(
+            body=body, model=model, messages=messages, stream=stream, include_usage=include_usage,
+            max_output_tokens=max_tokens, max_tokens_param=param, n=n,
+        )
+
+    @classmethod
+    def upstream_request(
+        cls, parsed: ParsedRequest, target: UpstreamTarget, *, max_output_tokens: int,
+        anthropic_version: str | None,
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+        body = dict(parsed.body)
+        body["model"] = target.upstream_model
+        # Always bound the output we may have to pay for by what the hold covers.
+        body[parsed.max_tokens_param] = max_output_tokens
+        if parsed.stream:
+            # Always ask for usage; the pipeline strips it if the client did not.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        headers = {"Content-Type": "application/json"}
+        if target.api_key:
+            headers["Authorization"] = f"Bearer {target.api_key}"
+        return f"{target.base_url.rstrip('/')}/chat/completions", headers, body
+
+    @classmethod
+    def usage_from_body(cls, body: dict[str, Any]) -> Usage | None:
+        return openai_usage(body.get("usage"))
+
+    @classmethod
+    def texts_from_body(cls, body: dict[str, Any]) -> list[str]:
+        texts = []
+        for choice in body.get("choices") or []:
+            content = (choice.get("message") or {}).get("content")
+            if isinstance(content, str):
+                texts.append(content)
+        return texts
+
+    @classmethod
+    def with_cost(cls, body: dict[str, Any], *, usage: Usage, cost: str) -> dict[str, Any]:
+        return {**body, "usage": openai_usage_json(usage, cost)}
+
+    @classmethod
+    def stream_state(cls, parsed: ParsedRequest) -> StreamState:
+        return OpenAIStreamState(parsed=parsed)
+
+    @classmethod
+    def stream_error(cls, message: str) -> bytes:
+        return sse_event({"error": {"message": message, "type": "server_error", "param": None,
+                                    "code": "upstream_error"}})

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from gateway import views
+
+urlpatterns = [
+    path("v1/chat/completions", views.ChatCompletionsView.as_view()),
+    path("v1/messages", views.MessagesView.as_view()),
+    path("v1/models", views.ModelsView.as_view()),
+    path("v1/billing/balance", views.BalanceView.as_view()),
+    path("v1/billing/ledger", views.LedgerView.as_view()),
+    path("v1/billing/usage", views.UsageView.as_view()),
+]
