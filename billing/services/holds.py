@@ -136,7 +136,9 @@ def hold_place(
                 api_key=api_key, request_id=request_id, amount=amount, now=now,
                 model_alias=model_alias, ttl=ttl,
             )
-    except IntegrityError:
+    except (IntegrityError, InsufficientFunds, BudgetExceeded, AccountInactive):
+        # A retry of a placed hold is refused by the checks (no room for a second hold) or by
+        # the unique request id; either way it is the same hold and gets the original back.
         existing = Hold.objects.filter(request_id=request_id).first()
         if existing is None:
             raise
@@ -281,7 +283,13 @@ def hold_settle(
         raise InvalidAmount("a cost cannot be negative")
     with transaction.atomic(durable=True):
         hold = _hold_lock(request_id)
-        if hold.state == Hold.State.SETTLED or hold.transaction_id is not None:
+        # settled_amount also marks a late settle of an expired hold (which may have no posting
+        # when the cost was zero): a second settle of it is a replay, never a second charge.
+        if (
+            hold.state == Hold.State.SETTLED
+            or hold.transaction_id is not None
+            or hold.settled_amount is not None
+        ):
             return _settle_replay(hold=hold, cost=cost)
         if hold.state == Hold.State.RELEASED:
             raise HoldAlreadyResolved(request_id=request_id, state=hold.state)
