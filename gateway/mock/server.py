@@ -1,8 +1,8 @@
 """A mock LLM upstream speaking the OpenAI Chat Completions and Anthropic Messages wire formats.
 
 Output is deterministic and usage is exact, so tests and benchmarks can check billing to the
-last token. Behaviour is steered by directives in the last user message, e.g.
-``[mock:tokens=40] [mock:delay_ms=5] [mock:fail=mid_stream]``.
+last token. OpenAI base URL: <root>/v1 (POST /v1/chat/completions, GET /v1/models); Anthropic
+base URL: <root> (POST /v1/messages). Any API key is accepted.
 
 Token rules (per choice):
 - The completion is ``completion_text(k)``: words from COMPLETION_WORDS in order, each exactly
@@ -10,6 +10,20 @@ Token rules (per choice):
 - k = ``[mock:tokens=N]`` (default DEFAULT_COMPLETION_TOKENS), capped by ``max_tokens`` /
   ``max_completion_tokens`` (finish_reason "length" / stop_reason "max_tokens" when capped).
 - Prompt tokens = ``gateway.tokens.messages_tokens(messages, system=...)`` without margin.
+- OpenAI usage: completion_tokens = n * (k + reasoning); prompt_tokens includes cached.
+  Anthropic usage: input_tokens + cache_read_input_tokens + cache_creation_input_tokens = prompt.
+
+Directives, read from the last user message and combinable (a malformed one is a 400):
+  [mock:tokens=N]            completion length per choice
+  [mock:delay_ms=D]          sleep before each content chunk (non-stream: D * chunks in total)
+  [mock:fail=before_first_chunk]  500 with a provider error body, nothing streamed
+  [mock:fail=mid_stream]     stream: max(1, k // 2) tokens per choice, then the TCP connection
+                             is aborted; non-stream: connection aborted, no response
+  [mock:status=NNN]          that status (>= 400) with a provider error body
+  [mock:no_usage]            no usage anywhere (no usage chunk, no usage object or fields)
+  [mock:cached_tokens=N]     cache-read prompt tokens (capped at the prompt)
+  [mock:cache_write_tokens=N]  Anthropic cache_creation_input_tokens (capped at the rest)
+  [mock:reasoning_tokens=N]  OpenAI hidden reasoning tokens, spent from max tokens first
 
 Kept free of Django's ORM and settings so it is cheap per request and importable anywhere.
 """
