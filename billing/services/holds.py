@@ -217,6 +217,10 @@ def _budget_release(*, hold: Hold, release: Decimal, spent: Decimal, now: dateti
     ApiKey.objects.filter(pk=hold.api_key_id).update(**changes)
 
 
+# Public for finance postings (billing/services/requests.py) that resolve a hold themselves.
+hold_budget_release = _budget_release
+
+
 def _usage_record_write(
     *, hold: Hold, usage: Usage | None, cost: Decimal, status: str, details: RequestDetails | None,
     now: datetime,

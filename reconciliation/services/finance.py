@@ -1,0 +1,347 @@
+"""What finance staff do to money, each in one durable transaction with its StaffAction.
+
+The admin calls these and nothing else. Every action needs a memo; the StaffAction row is
+written in the same transaction as the effect, so there is never an effect without a record
+or a record without an effect.
+
+Lock order: hold row, then the reconciliation item, then account rows, then the key row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.apps import apps as global_apps
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from billing.errors import AccountNotFound, BillingError, InvalidAmount
+from billing.models import Account, Hold, LedgerTransaction
+from billing.money import money_str
+from billing.services.accounts import credit_posting
+from billing.services.ledger import ledger_post, once_by_key, request_idempotency_key
+from billing.services.requests import request_charge_post, request_write_off_post
+from reconciliation.models import ReconciliationItem, StaffAction
+
+FINANCE_GROUP = "Finance"
+# app_label.codename; every money action checks one of the first two.
+FINANCE_PERMISSIONS = (
+    "billing.post_adjustment",
+    "reconciliation.reconcile_item",
+    "billing.view_account",
+    "billing.view_apikey",
+    "billing.view_languagemodel",
+    "billing.view_tariff",
+    "billing.view_ledgertransaction",
+    "billing.view_ledgerleg",
+    "billing.view_hold",
+    "billing.view_usagerecord",
+    "reconciliation.view_reconciliationitem",
+    "reconciliation.view_staffaction",
+)
+
+
+class ItemNotActionable(BillingError):
+    """The item is not pending, or the action does not apply to its kind."""
+
+
+@dataclass(frozen=True)
+class ItemActionResult:
+    item: ReconciliationItem
+    transaction: LedgerTransaction | None
+    # False when the request already had its posting (a late settle, an earlier write-off).
+    posted: bool
+
+
+def finance_group_ensure(*, apps: Any = global_apps) -> None:
+    """Create the Finance group with its permissions (idempotent, additive). Runs from the
+    data migration and after every migrate/flush, like the system accounts."""
+    group_model = apps.get_model("auth", "Group")
+    permission_model = apps.get_model("auth", "Permission")
+    group, _ = group_model.objects.get_or_create(name=FINANCE_GROUP)
+    wanted = [name.split(".", 1) for name in FINANCE_PERMISSIONS]
+    permissions = [
+        permission
+        for permission in permission_model.objects.filter(
+            codename__in=[codename for _, codename in wanted]
+        ).select_related("content_type")
+        if [permission.content_type.app_label, permission.codename] in wanted
+    ]
+    group.permissions.add(*permissions)
+
+
+def _memo_clean(memo: str) -> str:
+    memo = memo.strip()
+    if not memo:
+        raise InvalidAmount("a memo is required")
+    return memo
+
+
+def _item_lock(item_id: int) -> ReconciliationItem:
+    """Lock the item's hold (if any) before the item itself, then check it is pending."""
+    request_id = (
+        ReconciliationItem.objects.filter(pk=item_id).values_list("request_id", flat=True).first()
+    )
+    if request_id is None:
+        raise ItemNotActionable(f"no reconciliation item {item_id}")
+    if request_id:
+        list(Hold.objects.select_for_update().filter(request_id=request_id).values_list("pk"))
+    item = ReconciliationItem.objects.select_for_update().get(pk=item_id)
+    if item.status != ReconciliationItem.Status.PENDING:
+        raise ItemNotActionable(f"item {item_id} is already {item.status}")
+    return item
+
+
+def _item_close(
+    *,
+    item: ReconciliationItem,
+    status: str,
+    user: AbstractBaseUser,
+    memo: str,
+    now: datetime,
+    txn: LedgerTransaction | None,
+) -> None:
+    item.status = status
+    item.resolved_by = user  # type: ignore[assignment]
+    item.resolved_at = now
+    item.resolution_memo = memo
+    item.transaction = txn
+    item.save(
+        update_fields=["status", "resolved_by", "resolved_at", "resolution_memo", "transaction"]
+    )
+
+
+def _staff_action_record(
+    *,
+    user: AbstractBaseUser,
+    action: str,
+    target: str,
+    memo: str,
+    now: datetime,
+    txn: LedgerTransaction | None = None,
+    details: dict[str, Any] | None = None,
+) -> StaffAction:
+    return StaffAction.objects.create(  # type: ignore[misc]
+        user=user,
+        action=action,
+        target=target,
+        memo=memo,
+        details=details or {},
+        transaction=txn,
+        created_at=now,
+    )
+
+
+def _item_target(item: ReconciliationItem) -> str:
+    return f"reconciliation item #{item.pk} ({item.kind} {item.request_id or item.account_id})"
+
+
+def item_charge_amount(item: ReconciliationItem) -> Decimal:
+    """What a charge posts: the known cost of the request (never the hold, which is a bound)."""
+    if item.kind == ReconciliationItem.Kind.AUDIT_MISMATCH or not item.request_id:
+        raise ItemNotActionable("only a request's item can be charged")
+    if item.cost is None or item.cost <= 0:
+        raise ItemNotActionable(
+            f"item {item.pk} has no known cost to charge: write it off or resolve it with a note"
+        )
+    return item.cost
+
+
+def item_write_off_amount(item: ReconciliationItem) -> Decimal:
+    """The cost when known, else the whole hold (what the request may have used at most)."""
+    if item.kind == ReconciliationItem.Kind.AUDIT_MISMATCH or not item.request_id:
+        raise ItemNotActionable("only a request's item can be written off")
+    amount = item.cost if item.cost else item.held_amount
+    if amount is None or amount <= 0:
+        raise ItemNotActionable(f"item {item.pk} has neither a cost nor a held amount")
+    return amount
+
+
+@transaction.atomic(durable=True)
+def item_charge(
+    *, item_id: int, user: AbstractBaseUser, memo: str, now: datetime
+) -> ItemActionResult:
+    """Post the request's usage (once, under its idempotency key) and resolve the item."""
+    memo = _memo_clean(memo)
+    item = _item_lock(item_id)
+    cost = item_charge_amount(item)
+    existing = LedgerTransaction.objects.filter(
+        idempotency_key=request_idempotency_key(item.request_id)
+    ).exists()
+    txn = request_charge_post(
+        request_id=item.request_id, cost=cost, memo=memo, now=now, posted_by=user
+    )
+    posted = txn is not None and not existing
+    _item_close(
+        item=item,
+        status=ReconciliationItem.Status.RESOLVED,
+        user=user,
+        memo=memo,
+        now=now,
+        txn=txn,
+    )
+    _staff_action_record(
+        user=user,
+        action="item_charge",
+        target=_item_target(item),
+        memo=memo,
+        now=now,
+        txn=txn,
+        details={"request_id": item.request_id, "amount": money_str(cost), "posted": posted},
+    )
+    return ItemActionResult(item=item, transaction=txn, posted=posted)
+
+
+@transaction.atomic(durable=True)
+def item_write_off(
+    *, item_id: int, user: AbstractBaseUser, memo: str, now: datetime
+) -> ItemActionResult:
+    """Write the request's usage off (revenue +x, write-offs -x) and close the item."""
+    memo = _memo_clean(memo)
+    item = _item_lock(item_id)
+    amount = item_write_off_amount(item)
+    txn = request_write_off_post(
+        request_id=item.request_id, amount=amount, memo=memo, now=now, posted_by=user
+    )
+    _item_close(
+        item=item,
+        status=ReconciliationItem.Status.WRITTEN_OFF,
+        user=user,
+        memo=memo,
+        now=now,
+        txn=txn,
+    )
+    _staff_action_record(
+        user=user,
+        action="item_write_off",
+        target=_item_target(item),
+        memo=memo,
+        now=now,
+        txn=txn,
+        details={"request_id": item.request_id, "amount": money_str(amount)},
+    )
+    return ItemActionResult(item=item, transaction=txn, posted=True)
+
+
+@transaction.atomic(durable=True)
+def item_resolve(
+    *, item_id: int, user: AbstractBaseUser, memo: str, now: datetime
+) -> ItemActionResult:
+    """Close the item with a note and no money (explained elsewhere, or nothing to collect)."""
+    memo = _memo_clean(memo)
+    item = _item_lock(item_id)
+    _item_close(
+        item=item,
+        status=ReconciliationItem.Status.RESOLVED,
+        user=user,
+        memo=memo,
+        now=now,
+        txn=None,
+    )
+    _staff_action_record(
+        user=user,
+        action="item_resolve",
+        target=_item_target(item),
+        memo=memo,
+        now=now,
+        details={"request_id": item.request_id},
+    )
+    return ItemActionResult(item=item, transaction=None, posted=False)
+
+
+def _retry_details(details: dict[str, Any]) -> dict[str, Any] | None:
+    # The task rebuilds RequestDetails from these; audit figures or partial data are not that.
+    return details if {"endpoint", "started_at"} <= set(details) else None
+
+
+@transaction.atomic(durable=True)
+def item_retry(
+    *, item_id: int, user: AbstractBaseUser, memo: str, now: datetime
+) -> ItemActionResult:
+    """Queue the settle again (after commit). The item stays pending until the settle lands;
+    the settle's idempotency key makes a retry after any other posting charge nothing."""
+    memo = _memo_clean(memo)
+    item = _item_lock(item_id)
+    if item.kind != ReconciliationItem.Kind.DEDUCTION_FAILURE:
+        raise ItemNotActionable("only a deduction failure can be retried")
+    cost = item_charge_amount(item)
+    kwargs = {
+        "request_id": item.request_id,
+        "cost": money_str(cost),
+        "usage": dict(item.usage or {}),
+        "details": _retry_details(dict(item.details or {})),
+    }
+
+    def enqueue() -> None:
+        # Imported here: the task module imports services, not the other way round.
+        from reconciliation.tasks import settlement_retry
+
+        settlement_retry.apply_async(kwargs=kwargs)
+
+    transaction.on_commit(enqueue)
+    _staff_action_record(
+        user=user,
+        action="item_retry",
+        target=_item_target(item),
+        memo=memo,
+        now=now,
+        details={"request_id": item.request_id, "amount": money_str(cost)},
+    )
+    return ItemActionResult(item=item, transaction=None, posted=False)
+
+
+ITEM_ACTIONS = {
+    "charge": item_charge,
+    "write_off": item_write_off,
+    "resolve": item_resolve,
+    "retry": item_retry,
+}
+
+
+def credit_post_by_staff(
+    *,
+    kind: str,
+    account_id: int,
+    amount: Decimal,
+    memo: str,
+    idempotency_key: str,
+    user: AbstractBaseUser,
+    now: datetime,
+) -> tuple[LedgerTransaction, bool]:
+    """A grant, purchase, refund or adjustment by staff. Returns (transaction, replayed).
+
+    Idempotent on the key (made when the confirmation form was rendered): a double submit
+    returns the original posting and records nothing new.
+    """
+    memo = _memo_clean(memo)
+    if not idempotency_key.strip():
+        raise InvalidAmount("an idempotency key is required")
+    if not Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).exists():
+        raise AccountNotFound(f"no customer account {account_id}")
+    posting = credit_posting(
+        kind=kind,
+        account_id=account_id,
+        amount=amount,
+        idempotency_key=f"staff:{idempotency_key.strip()}",
+        memo=memo,
+        now=now,
+    )
+
+    def write() -> tuple[LedgerTransaction, bool]:
+        txn = ledger_post(posting=posting, now=now, posted_by=user)
+        _staff_action_record(
+            user=user,
+            action=f"credit_{kind}",
+            target=f"account #{account_id}",
+            memo=memo,
+            now=now,
+            txn=txn,
+            details={"kind": kind, "amount": money_str(amount)},
+        )
+        return txn, False
+
+    # once_by_key opens the durable transaction; a key already taken returns the original.
+    return once_by_key(posting=posting, write=write, replay=lambda existing: (existing, True))
