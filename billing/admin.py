@@ -1,0 +1,719 @@
+"""The finance admin for the money core: read-only money, confirmed and recorded actions.
+
+Nothing here writes a billing row: money moves through reconciliation.services.finance (which
+records the staff action in the same transaction), keys through billing.services.keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
+from django.core.paginator import Paginator
+from django.db.models import OuterRef, QuerySet, Subquery, Sum
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, re_path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from billing.errors import BillingError
+from billing.models import (
+    SYSTEM_ACCOUNT_IDS,
+    Account,
+    ApiKey,
+    Hold,
+    LanguageModel,
+    LedgerLeg,
+    LedgerTransaction,
+    Tariff,
+    UsageRecord,
+)
+from billing.money import MoneyField, money_str
+from billing.services.accounts import CREDIT_SOURCES
+from billing.services.keys import api_key_revoke
+from billing.services.tariffs import tariff_set
+
+STATEMENT_PAGE_SIZE = 50
+CSV_BATCH_SIZE = 1000
+
+
+def money_display(amount: Decimal | None) -> str:
+    return "—" if amount is None else money_str(amount)
+
+
+def duration_display(delta: timedelta) -> str:
+    seconds = int(abs(delta.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {seconds}s"
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Financial records are never added, edited or deleted by hand, not even by a superuser."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+# --- Accounts ---------------------------------------------------------------------------------
+
+
+class CreditForm(forms.Form):
+    amount = forms.DecimalField(decimal_places=10, max_digits=22)
+    memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+    # Made when the form is first rendered: a double submit reuses it and posts once.
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
+
+    def clean_memo(self) -> str:
+        memo = self.cleaned_data["memo"].strip()
+        if not memo:
+            raise forms.ValidationError("A memo is required.")
+        return memo
+
+
+CREDIT_KIND_LABELS: dict[str, str] = {
+    LedgerTransaction.Kind.GRANT: "Grant credit",
+    LedgerTransaction.Kind.PURCHASE: "Record a purchase",
+    LedgerTransaction.Kind.REFUND: "Refund",
+    LedgerTransaction.Kind.ADJUSTMENT: "Adjust (signed)",
+}
+
+
+def _credit_action(kind: str) -> Any:
+    @admin.action(permissions=["post_adjustment"], description=f"{CREDIT_KIND_LABELS[kind]}…")
+    def action(modeladmin: AccountAdmin, request: HttpRequest, queryset: QuerySet[Account]) -> Any:
+        accounts = list(queryset.filter(kind=Account.Kind.CUSTOMER).values_list("pk", flat=True))
+        if len(accounts) != 1:
+            modeladmin.message_user(
+                request, "Select exactly one customer account.", messages.WARNING
+            )
+            return None
+        return redirect("admin:billing_account_credit", account_id=accounts[0], kind=kind)
+
+    action.__name__ = f"credit_{kind}"
+    return action
+
+
+@admin.register(Account)
+class AccountAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "name",
+        "kind",
+        "status",
+        "balance_display",
+        "held_display",
+        "available_display",
+        "overdraft_display",
+        "statement_link",
+    )
+    list_filter = ("status", "kind")
+    search_fields = ("name", "=id")
+    readonly_fields = ("balance_display", "held_display", "available_display", "overdraft_display")
+    fields = (
+        "name",
+        "kind",
+        "currency",
+        "status",
+        "balance_display",
+        "held_display",
+        "available_display",
+        "overdraft_display",
+        "created_at",
+    )
+    actions = [_credit_action(kind) for kind in CREDIT_KIND_LABELS]
+
+    def has_post_adjustment_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("billing.post_adjustment")
+
+    @admin.display(description="balance", ordering="balance")
+    def balance_display(self, account: Account) -> str:
+        return money_display(account.balance)
+
+    @admin.display(description="held", ordering="held")
+    def held_display(self, account: Account) -> str:
+        return money_display(account.held)
+
+    @admin.display(description="available")
+    def available_display(self, account: Account) -> str:
+        return money_display(account.available)
+
+    @admin.display(description="overdraft", ordering="overdraft")
+    def overdraft_display(self, account: Account) -> str:
+        return money_display(account.overdraft)
+
+    @admin.display(description="statement")
+    def statement_link(self, account: Account) -> str:
+        url = reverse("admin:billing_account_statement", args=[account.pk])
+        return format_html('<a href="{}">statement</a>', url)
+
+    def get_urls(self) -> list[URLPattern]:
+        wrap = self.admin_site.admin_view
+        return [
+            # System accounts have negative ids, which <int:> would not match.
+            re_path(
+                r"^(?P<account_id>-?\d+)/statement/$",
+                wrap(self.statement_view),
+                name="billing_account_statement",
+            ),
+            path(
+                "<int:account_id>/credit/<str:kind>/",
+                wrap(self.credit_view),
+                name="billing_account_credit",
+            ),
+            *super().get_urls(),
+        ]
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra = {
+            "credit_kinds": CREDIT_KIND_LABELS.items()
+            if self.has_post_adjustment_permission(request)
+            else [],
+        }
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), **extra})
+
+    def _context(self, request: HttpRequest, title: str, **more: Any) -> dict[str, Any]:
+        return {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": title,
+            **more,
+        }
+
+    def statement_view(self, request: HttpRequest, account_id: str) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        account = Account.objects.filter(pk=account_id).first()
+        if account is None:
+            raise Http404("no such account")
+        legs = (
+            LedgerLeg.objects.filter(account_id=account_id)
+            .select_related("transaction")
+            .order_by("-transaction__posted_at", "-pk")
+        )
+        page = Paginator(legs, STATEMENT_PAGE_SIZE).get_page(request.GET.get("page"))
+        # System accounts keep no cached balance (it would be a hot row): sum their legs.
+        balance = (
+            account.balance
+            if not account.is_system
+            else LedgerLeg.objects.filter(account_id=account_id).aggregate(total=Sum("amount"))[
+                "total"
+            ]
+            or Decimal(0)
+        )
+        return TemplateResponse(
+            request,
+            "admin/billing/account/statement.html",
+            self._context(
+                request,
+                f"Statement of {account}",
+                account=account,
+                balance=money_display(balance),
+                page=page,
+                rows=[
+                    {"leg": leg, "txn": leg.transaction, "amount": money_str(leg.amount)}
+                    for leg in page.object_list
+                ],
+                ledger_url=reverse("admin:billing_ledgertransaction_changelist")
+                + f"?account={account.pk}",
+                credit_kinds=CREDIT_KIND_LABELS.items()
+                if self.has_post_adjustment_permission(request) and not account.is_system
+                else [],
+            ),
+        )
+
+    def credit_view(self, request: HttpRequest, account_id: int, kind: str) -> HttpResponse:
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.services.finance import credit_post_by_staff
+
+        if not self.has_post_adjustment_permission(request):
+            raise PermissionDenied
+        if kind not in CREDIT_SOURCES:
+            raise Http404("not a credit kind")
+        account = Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).first()
+        if account is None:
+            raise Http404("no such customer account")
+
+        stage = "edit"
+        new_balance = None
+        if request.method == "POST":
+            form = CreditForm(request.POST)
+            if form.is_valid():
+                amount = form.cleaned_data["amount"]
+                if "confirm" in request.POST:
+                    try:
+                        txn, replayed = credit_post_by_staff(
+                            kind=kind,
+                            account_id=account.pk,
+                            amount=amount,
+                            memo=form.cleaned_data["memo"],
+                            idempotency_key=form.cleaned_data["idempotency_key"],
+                            user=request.user,  # type: ignore[arg-type]
+                            now=timezone.now(),
+                        )
+                    except BillingError as exc:
+                        form.add_error(None, str(exc))
+                    else:
+                        if replayed:
+                            self.message_user(
+                                request,
+                                f"Already posted as transaction #{txn.pk}; nothing new posted.",
+                                messages.WARNING,
+                            )
+                        else:
+                            self.message_user(
+                                request,
+                                f"Posted {kind} of {money_str(amount)} USD "
+                                f"as transaction #{txn.pk}.",
+                                messages.SUCCESS,
+                            )
+                        return redirect("admin:billing_account_statement", account_id=account.pk)
+                else:
+                    stage = "confirm"
+                    new_balance = account.balance + amount
+        else:
+            form = CreditForm(initial={"idempotency_key": uuid.uuid4().hex})
+        return TemplateResponse(
+            request,
+            "admin/billing/account/credit_confirm.html",
+            self._context(
+                request,
+                f"{CREDIT_KIND_LABELS[kind]}: {account}",
+                account=account,
+                kind=kind,
+                form=form,
+                stage=stage,
+                balance=money_display(account.balance),
+                new_balance=money_display(new_balance) if new_balance is not None else None,
+                amount=money_str(form.cleaned_data["amount"]) if stage == "confirm" else None,
+                source=CREDIT_SOURCES[kind],
+            ),
+        )
+
+
+# --- API keys, models, tariffs ------------------------------------------------------------------
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(ReadOnlyAdmin):
+    # Never the secret hash: the prefix is enough to recognise a key.
+    fields = (
+        "prefix",
+        "name",
+        "account",
+        "purpose",
+        "completion_window",
+        "status",
+        "created_at",
+        "revoked_at",
+        "expires_at",
+        "budget_limit_display",
+        "budget_period",
+        "budget_spent_display",
+        "budget_held_display",
+    )
+    readonly_fields = ("budget_limit_display", "budget_spent_display", "budget_held_display")
+    list_display = (
+        "prefix",
+        "name",
+        "account",
+        "purpose",
+        "status",
+        "budget_limit_display",
+        "budget_period",
+        "budget_spent_display",
+        "budget_held_display",
+        "created_at",
+    )
+    list_filter = ("status", "purpose")
+    search_fields = ("prefix", "name", "=account__id")
+    list_select_related = ("account",)
+    actions = ["revoke"]
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("billing.change_apikey") or request.user.has_perm(
+            "billing.post_adjustment"
+        )
+
+    @admin.display(description="budget")
+    def budget_limit_display(self, key: ApiKey) -> str:
+        return money_display(key.budget_limit)
+
+    @admin.display(description="spent in period")
+    def budget_spent_display(self, key: ApiKey) -> str:
+        return money_display(key.budget_spent)
+
+    @admin.display(description="held under budget")
+    def budget_held_display(self, key: ApiKey) -> str:
+        return money_display(key.budget_held)
+
+    @admin.action(permissions=["revoke"], description="Revoke selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        now = timezone.now()
+        for key_id in queryset.values_list("pk", flat=True):
+            api_key = api_key_revoke(key_id=key_id, now=now)
+            self.log_change(request, api_key, "Revoked")
+        self.message_user(request, "Revoked the selected keys.", messages.SUCCESS)
+
+
+@admin.register(LanguageModel)
+class LanguageModelAdmin(ReadOnlyAdmin):
+    list_display = ("alias", "created_at")
+    search_fields = ("alias",)
+
+
+@admin.register(Tariff)
+class TariffAdmin(admin.ModelAdmin):
+    """Append-only: a new price is a new tariff row, added through `tariff_set`."""
+
+    list_display = (
+        "model",
+        "purpose",
+        "completion_window",
+        "valid_from",
+        "valid_until",
+        "input_price",
+        "output_price",
+    )
+    list_filter = ("purpose", "model")
+    list_select_related = ("model",)
+    search_fields = ("model__alias",)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="input / Mtok")
+    def input_price(self, tariff: Tariff) -> str:
+        return money_display(tariff.input_per_mtok)
+
+    @admin.display(description="output / Mtok")
+    def output_price(self, tariff: Tariff) -> str:
+        return money_display(tariff.output_per_mtok)
+
+    def save_model(self, request: HttpRequest, obj: Tariff, form: Any, change: bool) -> None:
+        data = form.cleaned_data
+        tariff = tariff_set(
+            model_alias=data["model"].alias,
+            input_per_mtok=data["input_per_mtok"],
+            output_per_mtok=data["output_per_mtok"],
+            cached_input_per_mtok=data.get("cached_input_per_mtok"),
+            cache_write_per_mtok=data.get("cache_write_per_mtok"),
+            reasoning_per_mtok=data.get("reasoning_per_mtok"),
+            purpose=data["purpose"],
+            completion_window=data.get("completion_window") or "",
+            valid_from=data["valid_from"],
+            valid_until=data.get("valid_until"),
+        )
+        # The admin goes on to log and redirect with `obj`: point it at the row the service made.
+        obj.pk = tariff.pk
+        obj.created_at = tariff.created_at
+        obj._state.adding = False
+
+
+# --- Ledger -----------------------------------------------------------------------------------
+
+
+class LedgerLegInline(admin.TabularInline):
+    model = LedgerLeg
+    fields = ("account", "amount_display")
+    readonly_fields = ("account", "amount_display")
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="amount")
+    def amount_display(self, leg: LedgerLeg) -> str:
+        return money_display(leg.amount)
+
+
+class LegAccountFilter(admin.SimpleListFilter):
+    """Transactions with a leg on one account. Lists the system accounts (plus the chosen one);
+    any account is reachable as ?account=<id>, which its statement page links to."""
+
+    title = "account"
+    parameter_name = "account"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        ids = set(SYSTEM_ACCOUNT_IDS.values())
+        chosen = self.value()
+        if chosen and chosen.lstrip("-").isdigit():
+            ids.add(int(chosen))
+        return [(str(account.pk), str(account)) for account in Account.objects.filter(pk__in=ids)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        if not value.lstrip("-").isdigit():
+            return queryset.none()
+        # A semi-join, so a transaction with two legs on the account is listed once.
+        return queryset.filter(
+            pk__in=LedgerLeg.objects.filter(account_id=int(value)).values("transaction_id")
+        )
+
+
+class _Echo:
+    """csv.writer wants a file; this one hands each line back instead of storing it."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+CSV_HEADER = (
+    "transaction_id",
+    "posted_at",
+    "occurred_at",
+    "kind",
+    "request_id",
+    "model",
+    "idempotency_key",
+    "is_overrun",
+    "is_late",
+    "posted_by",
+    "memo",
+    "account_id",
+    "amount",
+)
+
+
+def _ledger_csv_batch(queryset: QuerySet[LedgerTransaction], after_pk: int) -> list[list[str]]:
+    """The CSV rows (one per leg) of the next CSV_BATCH_SIZE transactions after `after_pk`.
+
+    Keyset batches rather than one server-side cursor: each batch is a short query, so memory
+    stays bounded and the export also streams under ASGI, where each batch may run on a
+    different thread.
+    """
+    txns = list(
+        queryset.filter(pk__gt=after_pk).order_by("pk").select_related("posted_by")[:CSV_BATCH_SIZE]
+    )
+    legs: dict[int, list[LedgerLeg]] = {txn.pk: [] for txn in txns}
+    for leg in LedgerLeg.objects.filter(transaction_id__in=list(legs)).order_by("pk"):
+        legs[leg.transaction_id].append(leg)
+    return [
+        [
+            str(txn.pk),
+            txn.posted_at.isoformat(),
+            txn.occurred_at.isoformat(),
+            txn.kind,
+            txn.request_id,
+            txn.model_alias,
+            txn.idempotency_key,
+            str(txn.is_overrun),
+            str(txn.is_late),
+            txn.posted_by.get_username() if txn.posted_by else "",
+            txn.memo,
+            str(leg.account_id),
+            money_str(leg.amount),
+        ]
+        for txn in txns
+        for leg in legs[txn.pk]
+    ]
+
+
+def ledger_csv_lines(queryset: QuerySet[LedgerTransaction]) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(CSV_HEADER)
+    after_pk = 0
+    while rows := _ledger_csv_batch(queryset, after_pk):
+        for row in rows:
+            yield writer.writerow(row)
+        after_pk = int(rows[-1][0])
+
+
+async def ledger_csv_lines_async(queryset: QuerySet[LedgerTransaction]) -> AsyncIterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(CSV_HEADER)
+    after_pk = 0
+    while rows := await sync_to_async(_ledger_csv_batch)(queryset, after_pk):
+        for row in rows:
+            yield writer.writerow(row)
+        after_pk = int(rows[-1][0])
+
+
+@admin.register(LedgerTransaction)
+class LedgerTransactionAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "posted_at",
+        "kind",
+        "request_id",
+        "model_alias",
+        "amount_display",
+        "is_overrun",
+        "is_late",
+        "posted_by",
+        "memo",
+    )
+    list_filter = ("kind", "is_overrun", "is_late", LegAccountFilter, "model_alias")
+    search_fields = ("request_id", "idempotency_key", "=id")
+    date_hierarchy = "posted_at"
+    list_select_related = ("posted_by",)
+    inlines = [LedgerLegInline]
+    fields = (
+        "kind",
+        "idempotency_key",
+        "request_id",
+        "model_alias",
+        "memo",
+        "posted_by",
+        "occurred_at",
+        "posted_at",
+        "reverses",
+        "is_overrun",
+        "is_late",
+    )
+    show_full_result_count = False  # a count(*) over the whole ledger on every page is waste
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[LedgerTransaction]:
+        moved = (
+            LedgerLeg.objects.filter(transaction_id=OuterRef("pk"), amount__gt=0)
+            .values("transaction_id")
+            .annotate(total=Sum("amount"))
+            .values("total")
+        )
+        return (
+            super().get_queryset(request).annotate(moved=Subquery(moved, output_field=MoneyField()))
+        )
+
+    @admin.display(description="amount moved")
+    def amount_display(self, txn: LedgerTransaction) -> str:
+        return money_display(getattr(txn, "moved", None))
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "export.csv",
+                self.admin_site.admin_view(self.export_view),
+                name="billing_ledgertransaction_export",
+            ),
+            *super().get_urls(),
+        ]
+
+    def export_view(self, request: HttpRequest) -> StreamingHttpResponse:
+        """The current changelist's filters, search and date range, every leg, streamed."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        queryset = self.get_changelist_instance(request).queryset
+        lines: Iterator[str] | AsyncIterator[str] = (
+            ledger_csv_lines_async(queryset)
+            if isinstance(request, ASGIRequest)
+            else ledger_csv_lines(queryset)
+        )
+        response = StreamingHttpResponse(lines, content_type="text/csv")
+        stamp = timezone.now().strftime("%Y%m%dT%H%M%S")
+        response["Content-Disposition"] = f'attachment; filename="ledger-{stamp}.csv"'
+        return response
+
+
+# --- Holds and usage ------------------------------------------------------------------------------
+
+
+@admin.register(Hold)
+class HoldAdmin(ReadOnlyAdmin):
+    list_display = (
+        "request_id",
+        "account",
+        "state",
+        "amount_display",
+        "settled_display",
+        "created_at",
+        "age",
+        "expires_at",
+        "expiry",
+        "is_overrun",
+        "is_late",
+    )
+    list_filter = ("state", "is_overrun", "is_late")
+    search_fields = ("request_id",)
+    list_select_related = ("account",)
+    date_hierarchy = "created_at"
+    readonly_fields = ("amount_display", "settled_display")
+    exclude = ("amount", "settled_amount")
+
+    @admin.display(description="held", ordering="amount")
+    def amount_display(self, hold: Hold) -> str:
+        return money_display(hold.amount)
+
+    @admin.display(description="settled", ordering="settled_amount")
+    def settled_display(self, hold: Hold) -> str:
+        return money_display(hold.settled_amount)
+
+    @admin.display(description="age", ordering="-created_at")
+    def age(self, hold: Hold) -> str:
+        end = hold.resolved_at or timezone.now()
+        return duration_display(end - hold.created_at)
+
+    @admin.display(description="expiry", ordering="expires_at")
+    def expiry(self, hold: Hold) -> str:
+        now = timezone.now()
+        if hold.state != Hold.State.ACTIVE:
+            return f"{hold.state}"
+        if hold.expires_at > now:
+            return f"in {duration_display(hold.expires_at - now)}"
+        return f"overdue by {duration_display(now - hold.expires_at)}"
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin):
+    list_display = (
+        "request_id",
+        "account",
+        "model_alias",
+        "endpoint",
+        "stream",
+        "input_tokens",
+        "output_tokens",
+        "cost_display",
+        "status",
+        "estimated",
+        "started_at",
+    )
+    list_filter = ("status", "stream", "estimated", "endpoint")
+    search_fields = ("request_id",)
+    list_select_related = ("account",)
+    date_hierarchy = "started_at"
+    exclude = ("cost",)
+    readonly_fields = ("cost_display",)
+
+    @admin.display(description="cost", ordering="cost")
+    def cost_display(self, record: UsageRecord) -> str:
+        return money_display(record.cost)
