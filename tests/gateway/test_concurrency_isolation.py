@@ -1,0 +1,125 @@
+"""Overspend under concurrency, tenant isolation, and what must never leak."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import httpx
+from django.utils import timezone
+
+from billing.models import Account, Hold, LedgerTransaction
+from billing.selectors import ledger_audit
+from tests.factories import make_account, make_key
+from tests.gateway.ledger import charged
+
+
+def test_64_concurrent_streams_never_overspend(world):
+    poor = make_account(credits=Decimal("0.2"), now=timezone.now())
+    key = make_key(account=poor, now=timezone.now()).secret
+    # Worst case per request ~ 1000 output tokens at the dearest output rate (reasoning,
+    # $20/Mtok) = $0.02: about 10 fit at once.
+    body = {"model": world.openai_model, "stream": True, "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "go [mock:tokens=20] [mock:delay_ms=10]"}]}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, str]:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for _ in response.aiter_lines():
+                pass
+            return response.status_code, response.headers["x-request-id"]
+
+    async def all_of_them() -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(
+            base_url=world.gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+            limits=httpx.Limits(max_connections=64),
+        ) as client:
+            return await asyncio.gather(*(one(client) for _ in range(64)))
+
+    results = asyncio.run(all_of_them())
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 402}
+    assert 8 <= statuses.count(200) < 64, statuses
+    poor.refresh_from_db()
+    assert poor.balance >= -poor.overdraft
+    assert poor.held == 0
+    spent = sum((charged(request_id) for status, request_id in results if status == 200), Decimal(0))
+    assert poor.balance == Decimal("0.2") - spent
+    assert not Hold.objects.filter(account=poor, state=Hold.State.ACTIVE).exists()
+    assert ledger_audit().clean
+
+
+def test_a_key_sees_only_its_own_account(world):
+    other = make_account(credits=Decimal("77"), now=timezone.now())
+    other_key = make_key(account=other, now=timezone.now()).secret
+    with world.http() as client:
+        client.post("/v1/chat/completions", json={
+            "model": world.openai_model, "messages": [{"role": "user", "content": "mine [mock:tokens=2]"}]})
+    with httpx.Client(base_url=world.gateway.url, headers={"Authorization": f"Bearer {other_key}"}) as client:
+        client.post("/v1/chat/completions", json={
+            "model": world.openai_model, "messages": [{"role": "user", "content": "theirs [mock:tokens=3]"}]})
+        other_view = {
+            "balance": client.get("/v1/billing/balance").json(),
+            "ledger": client.get("/v1/billing/ledger").json(),
+            "usage": client.get("/v1/billing/usage").json(),
+        }
+    with world.http() as client:
+        mine = {
+            "balance": client.get("/v1/billing/balance").json(),
+            "ledger": client.get("/v1/billing/ledger").json(),
+            "usage": client.get("/v1/billing/usage").json(),
+        }
+    assert mine["balance"]["account_id"] == world.account.pk
+    assert other_view["balance"]["account_id"] == other.pk
+    mine_ids = {entry["transaction_id"] for entry in mine["ledger"]["results"]}
+    theirs_ids = {entry["transaction_id"] for entry in other_view["ledger"]["results"]}
+    assert mine_ids and theirs_ids and not (mine_ids & theirs_ids)
+    own_txns = set(LedgerTransaction.objects.filter(legs__account=world.account).values_list("id", flat=True))
+    assert mine_ids == own_txns
+    assert mine["usage"]["account_id"] == world.account.pk
+    assert sum(row["requests"] for row in mine["usage"]["by_model"]) == 1
+    assert sum(row["requests"] for row in other_view["usage"]["by_model"]) == 1
+
+
+def test_balance_and_ledger_report_exact_decimal_strings(world):
+    with world.http() as client:
+        response = client.post("/v1/chat/completions", json={
+            "model": world.openai_model, "messages": [{"role": "user", "content": "x [mock:tokens=3]"}]})
+        cost = Decimal(response.headers["x-request-cost"])
+        balance = client.get("/v1/billing/balance").json()
+        ledger = client.get("/v1/billing/ledger", params={"limit": 1}).json()
+        rest = client.get(ledger["next"]).json() if ledger["next"] else {"results": []}
+    assert {"balance", "held", "available", "account_id", "currency"} <= set(balance)
+    assert Decimal(balance["balance"]) == Decimal("10") - cost
+    assert Decimal(balance["available"]) == Decimal(balance["balance"]) - Decimal(balance["held"])
+    assert len(ledger["results"]) == 1 and ledger["results"][0]["kind"] == "usage"
+    assert Decimal(ledger["results"][0]["amount"]) == -cost
+    assert [entry["kind"] for entry in rest["results"]] == ["grant"]
+
+
+def test_models_lists_priced_routes_for_the_key(world):
+    with world.http() as client:
+        listing = client.get("/v1/models").json()
+    ids = {model["id"] for model in listing["data"]}
+    assert {world.openai_model, world.anthropic_model} <= ids
+    assert listing["object"] == "list"
+
+
+def test_prompts_completions_and_keys_never_reach_logs_or_metrics(world):
+    secret_prompt = "zebra-contract-7781 [mock:tokens=4]"
+    with world.http() as client:
+        client.post("/v1/chat/completions", json={
+            "model": world.openai_model, "messages": [{"role": "user", "content": secret_prompt}]})
+        client.post("/v1/messages", json={
+            "model": world.anthropic_model, "max_tokens": 5,
+            "messages": [{"role": "user", "content": secret_prompt}]})
+        client.post("/v1/chat/completions", json={
+            "model": world.openai_model, "messages": [{"role": "user", "content": secret_prompt + " [mock:fail=mid_stream]"}],
+            "stream": True})
+        metrics = client.get("/metrics").text
+    log = world.gateway.log_text()
+    for text in (log, metrics):
+        assert "zebra-contract-7781" not in text
+        assert world.key not in text
+        assert " quick brown" not in text  # completion text
+    assert "billing_settlements_total" in metrics
+    assert Account.objects.filter(pk=world.account.pk).exists()
