@@ -1,0 +1,243 @@
+"""Fixtures for reconciliation: a real Celery worker, a row lock held from outside, a capturing
+Sentry transport, and a way to run code in a fresh process with a broken dependency.
+
+The worker runs `celery -A config worker -P solo` against the test database and Redis, on a
+queue of its own (so it never takes another test run's tasks), with:
+- BILLING_SETTLE_RETRY_BACKOFF_MAX=1: retries every second at most instead of every minute;
+- CELERY_VISIBILITY_TIMEOUT=5: a killed worker's task comes back after 5 s, not an hour;
+- PGOPTIONS lock_timeout=2s: a settle blocked by a row lock fails like a database error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sentry_sdk
+from django.conf import settings
+from django.db import connection
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.transport import Transport
+
+from config.celery import app as celery_app
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_LOCK_TIMEOUT_MS = 2000
+
+
+def testdb_url() -> str:
+    """The URL of pytest-django's test database (valid once django_db_setup has run)."""
+    db = settings.DATABASES["default"]
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class CeleryWorker:
+    def __init__(self, *, queue: str, env: dict[str, str], log_dir: Path) -> None:
+        self.queue = queue
+        self.env = env
+        self.log_dir = log_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = log_dir / "worker-0.log"
+        self.starts = 0
+
+    def start(self) -> None:
+        self.log_path = self.log_dir / f"worker-{self.starts}.log"
+        self.starts += 1
+        self.process = subprocess.Popen(
+            [
+                str(ROOT / ".venv/bin/celery"),
+                "-A",
+                "config",
+                "worker",
+                "-P",
+                "solo",
+                "-Q",
+                self.queue,
+                "-n",
+                f"{self.queue}-{self.starts}@%h",
+                "-l",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                f"--logfile={self.log_path}",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: "ready." in self.log(), timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, no ack, no requeue; Redis must hand the task back."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def worker_queue() -> Iterator[str]:
+    """Point this process' publishing at a queue only the test worker consumes."""
+    queue = f"reconciliation-test-{os.getpid()}"
+    previous = celery_app.conf.task_default_queue
+    celery_app.conf.task_default_queue = queue
+    celery_app.amqp.__dict__.pop("queues", None)  # rebuilt lazily with the new default
+    yield queue
+    celery_app.conf.task_default_queue = previous
+    celery_app.amqp.__dict__.pop("queues", None)
+
+
+@pytest.fixture(scope="session")
+def celery_worker(
+    django_db_setup: None, worker_queue: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CeleryWorker]:
+    if connection.vendor != "postgresql" or not settings.CELERY_BROKER_URL.startswith("redis"):
+        pytest.skip("needs PostgreSQL and Redis (run through bin/test)")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"PROMETHEUS_MULTIPROC_DIR", "SENTRY_DSN", "CELERY_TASK_ALWAYS_EAGER"}
+    }
+    env |= {
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": testdb_url(),
+        "REDIS_URL": settings.CELERY_BROKER_URL,
+        "CELERY_TASK_DEFAULT_QUEUE": worker_queue,
+        "CELERY_VISIBILITY_TIMEOUT": "5",
+        "BILLING_SETTLE_RETRY_BACKOFF_MAX": "1",
+        "PGOPTIONS": f"-c lock_timeout={WORKER_LOCK_TIMEOUT_MS}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    worker = CeleryWorker(queue=worker_queue, env=env, log_dir=tmp_path_factory.mktemp("celery"))
+    worker.start()
+    yield worker
+    # Stopped before pytest-django drops the test database the worker is connected to.
+    worker.stop()
+
+
+@pytest.fixture
+def running_worker(celery_worker: CeleryWorker) -> CeleryWorker:
+    """The session worker, restarted if a previous test killed it."""
+    if celery_worker.process is None:
+        celery_worker.start()
+    return celery_worker
+
+
+class RowLocker:
+    """Holds row locks from a separate connection, like a long transaction elsewhere would."""
+
+    def __init__(self) -> None:
+        self.conn = psycopg.connect(testdb_url())
+
+    def hold_lock(self, request_id: str) -> None:
+        self.conn.execute(
+            "SELECT id FROM billing_hold WHERE request_id = %s FOR UPDATE", [request_id]
+        ).fetchone()
+
+    def release(self) -> None:
+        self.conn.rollback()
+
+    def waiting_backends(self) -> int:
+        """Sessions on the test database currently blocked on a lock."""
+        with psycopg.connect(testdb_url(), autocommit=True) as probe:
+            row = probe.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def row_locker(transactional_db: None) -> Iterator[RowLocker]:
+    locker = RowLocker()
+    yield locker
+    locker.close()
+
+
+@pytest.fixture
+def short_lock_timeout(transactional_db: None) -> Iterator[None]:
+    """This process' settles give up on a row lock after 200 ms (an injected DB failure)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '200ms'")
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute("RESET lock_timeout")
+
+
+class CapturingTransport(Transport):
+    """A Sentry transport that keeps events in memory instead of sending them."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.events: list[dict[str, Any]] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        for item in envelope.items:
+            if item.type in {"event", "transaction"} and item.payload.json is not None:
+                self.events.append(item.payload.json)
+
+
+@pytest.fixture
+def sentry_events() -> Iterator[list[dict[str, Any]]]:
+    """The production Sentry setup (config.sentry), with events captured in memory."""
+    from config.sentry import sentry_init
+
+    transport = CapturingTransport()
+    sentry_init(dsn="https://public@sentry.invalid/1", transport=transport)
+    yield transport.events
+    sentry_sdk.get_client().close()
+    sentry_sdk.init()  # back to a client that sends nothing
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh Django process with `env` overriding this one's environment."""
+    full_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", **env}
+    prelude = "import django; django.setup()\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
