@@ -152,6 +152,7 @@ def settlement_retry(
         metrics.SETTLEMENT_RETRIES.labels(outcome="succeeded").inc()
     metrics.SETTLEMENTS.labels(outcome=f"retry_{outcome}").inc()
     if not result.replayed:
+        metrics.HOLDS.labels(event="settled").inc()
         metrics.SETTLED_USD.inc(float(result.cost))  # a metric sample, not money
     try:
         settled_items_resolve(

@@ -31,6 +31,7 @@ from config.celery import app as celery_app
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_LOCK_TIMEOUT_MS = 2000
+WORKER_APP_NAME = "reconciliation-test-worker"
 
 
 def testdb_url() -> str:
@@ -142,6 +143,7 @@ def celery_worker(
         "CELERY_VISIBILITY_TIMEOUT": "5",
         "BILLING_SETTLE_RETRY_BACKOFF_MAX": "1",
         "PGOPTIONS": f"-c lock_timeout={WORKER_LOCK_TIMEOUT_MS}",
+        "PGAPPNAME": WORKER_APP_NAME,
         "PYTHONUNBUFFERED": "1",
     }
     worker = CeleryWorker(queue=worker_queue, env=env, log_dir=tmp_path_factory.mktemp("celery"))
@@ -149,6 +151,23 @@ def celery_worker(
     yield worker
     # Stopped before pytest-django drops the test database the worker is connected to.
     worker.stop()
+    _worker_sessions_end()
+
+
+def _worker_sessions_end() -> None:
+    """Wait out the worker's database sessions (a killed worker's may linger), or the test
+    database cannot be dropped."""
+    with psycopg.connect(testdb_url(), autocommit=True) as conn:
+
+        def remaining() -> int:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = %s",
+                [WORKER_APP_NAME],
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        wait_until(lambda: remaining() == 0, timeout=10)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ and their management commands."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -222,3 +223,39 @@ def test_other_account_keys_without_a_budget_are_never_rolled(account, now):
     make_key(account=make_account(), now=now)
 
     assert api_key_budgets_roll(now=now) == 0
+
+
+# --- default schedules ------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_default_beat_schedules_install_once_and_name_the_sweep_tasks():
+    from django.apps import apps
+    from django_celery_beat.models import PeriodicTask
+
+    migration = importlib.import_module("reconciliation.migrations.0003_default_beat_schedules")
+    PeriodicTask.objects.all().delete()  # the test database was flushed of the migrated rows
+
+    migration.beat_schedules_install(apps, None)
+    migration.beat_schedules_install(apps, None)
+
+    tasks = dict(PeriodicTask.objects.values_list("task", "enabled"))
+    assert tasks == {
+        "reconciliation.expire_holds": True,
+        "reconciliation.audit_ledger": True,
+        "reconciliation.budgets_roll": True,
+    }
+    expire = PeriodicTask.objects.get(task="reconciliation.expire_holds")
+    assert (expire.interval.every, expire.interval.period) == (1, "minutes")
+    audit = PeriodicTask.objects.get(task="reconciliation.audit_ledger")
+    assert (audit.crontab.minute, audit.crontab.hour) == ("0", "3")
+
+
+def test_every_scheduled_task_is_registered_with_celery():
+    from config.celery import app
+
+    migration = importlib.import_module("reconciliation.migrations.0003_default_beat_schedules")
+    app.loader.import_default_modules()
+
+    for task, _schedule, _options in migration.DEFAULT_TASKS.values():
+        assert task in app.tasks
