@@ -34,7 +34,7 @@ WORKER_LOCK_TIMEOUT_MS = 2000
 WORKER_APP_NAME = "reconciliation-test-worker"
 
 
-def testdb_url() -> str:
+def database_url_of_tests() -> str:
     """The URL of pytest-django's test database (valid once django_db_setup has run)."""
     db = settings.DATABASES["default"]
     auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
@@ -137,7 +137,7 @@ def celery_worker(
     }
     env |= {
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DATABASE_URL": testdb_url(),
+        "DATABASE_URL": database_url_of_tests(),
         "REDIS_URL": settings.CELERY_BROKER_URL,
         "CELERY_TASK_DEFAULT_QUEUE": worker_queue,
         "CELERY_VISIBILITY_TIMEOUT": "5",
@@ -157,7 +157,7 @@ def celery_worker(
 def _worker_sessions_end() -> None:
     """Wait out the worker's database sessions (a killed worker's may linger), or the test
     database cannot be dropped."""
-    with psycopg.connect(testdb_url(), autocommit=True) as conn:
+    with psycopg.connect(database_url_of_tests(), autocommit=True) as conn:
 
         def remaining() -> int:
             row = conn.execute(
@@ -182,7 +182,7 @@ class RowLocker:
     """Holds row locks from a separate connection, like a long transaction elsewhere would."""
 
     def __init__(self) -> None:
-        self.conn = psycopg.connect(testdb_url())
+        self.conn = psycopg.connect(database_url_of_tests())
 
     def hold_lock(self, request_id: str) -> None:
         self.conn.execute(
@@ -194,7 +194,7 @@ class RowLocker:
 
     def waiting_backends(self) -> int:
         """Sessions on the test database currently blocked on a lock."""
-        with psycopg.connect(testdb_url(), autocommit=True) as probe:
+        with psycopg.connect(database_url_of_tests(), autocommit=True) as probe:
             row = probe.execute(
                 "SELECT count(*) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND wait_event_type = 'Lock'"

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.services.holds import hold_place
 from reconciliation.services.sweeps import holds_expire_and_queue
-from tests.reconciliation.conftest import run_python, testdb_url
+from tests.reconciliation.conftest import run_python, database_url_of_tests
 
 
 def _sample(text: str, name: str, labels: dict[str, str] | None = None) -> float:
@@ -174,7 +174,7 @@ def test_readyz_is_unavailable_when_the_database_is_down():
 
 def test_readyz_is_unavailable_when_the_broker_is_down(django_db_setup):
     status, checks = _readyz_in_a_fresh_process(
-        DATABASE_URL=testdb_url(), REDIS_URL="redis://127.0.0.1:1/0"
+        DATABASE_URL=database_url_of_tests(), REDIS_URL="redis://127.0.0.1:1/0"
     )
 
     assert status == 503
