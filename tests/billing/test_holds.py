@@ -30,7 +30,9 @@ TTL = 900
 
 
 def place(key: ApiKey, request_id: str, amount: str, now: datetime) -> Hold:
-    return hold_place(api_key=key, request_id=request_id, amount=D(amount), now=now, ttl_seconds=TTL)
+    return hold_place(
+        api_key=key, request_id=request_id, amount=D(amount), now=now, ttl_seconds=TTL
+    )
 
 
 def balances(account: Account) -> tuple[Decimal, Decimal]:
@@ -39,7 +41,9 @@ def balances(account: Account) -> tuple[Decimal, Decimal]:
 
 
 def usage_postings(request_id: str) -> list[LedgerTransaction]:
-    return list(LedgerTransaction.objects.filter(idempotency_key=request_idempotency_key(request_id)))
+    return list(
+        LedgerTransaction.objects.filter(idempotency_key=request_idempotency_key(request_id))
+    )
 
 
 @pytest.fixture
@@ -50,7 +54,9 @@ def key(issued_key) -> ApiKey:  # type: ignore[no-untyped-def]
 # --- settle ---------------------------------------------------------------------------------
 
 
-def test_settle_charges_cost_and_releases_the_rest(account: Account, key: ApiKey, now: datetime) -> None:
+def test_settle_charges_cost_and_releases_the_rest(
+    account: Account, key: ApiKey, now: datetime
+) -> None:
     place(key, "r1", "2", now)
     result = hold_settle(request_id="r1", cost=D("0.75"), now=now + timedelta(seconds=5))
     assert balances(account) == (D("9.25"), D(0))
@@ -83,7 +89,9 @@ def test_settle_after_sweeper_expiry_posts_usage_once_and_flags_it_late(
 @pytest.mark.parametrize(
     ("settle_after", "late"),
     [
-        pytest.param(timedelta(seconds=TTL) - timedelta(microseconds=1), False, id="just-before-expiry"),
+        pytest.param(
+            timedelta(seconds=TTL) - timedelta(microseconds=1), False, id="just-before-expiry"
+        ),
         pytest.param(timedelta(seconds=TTL), True, id="at-expiry"),
         pytest.param(timedelta(seconds=TTL + 3600), True, id="long-after-expiry-not-yet-swept"),
     ],
@@ -99,7 +107,9 @@ def test_settle_of_active_hold_is_flagged_late_from_its_expiry(
     assert balances(account) == (D(9), D(0))
 
 
-def test_overrun_is_posted_in_full_and_flagged(account: Account, key: ApiKey, now: datetime) -> None:
+def test_overrun_is_posted_in_full_and_flagged(
+    account: Account, key: ApiKey, now: datetime
+) -> None:
     place(key, "r1", "2", now)
     result = hold_settle(request_id="r1", cost=D("3.25"), now=now)
     assert result.is_overrun
@@ -119,7 +129,9 @@ def test_overrun_may_take_balance_below_overdraft_but_is_flagged(now: datetime) 
     assert balances(account) == (D(-3), D(0))
 
 
-def test_zero_cost_settle_posts_nothing_and_releases_hold(account: Account, key: ApiKey, now: datetime) -> None:
+def test_zero_cost_settle_posts_nothing_and_releases_hold(
+    account: Account, key: ApiKey, now: datetime
+) -> None:
     place(key, "r1", "2", now)
     result = hold_settle(request_id="r1", cost=D(0), now=now)
     assert result.transaction_id is None
@@ -127,7 +139,9 @@ def test_zero_cost_settle_posts_nothing_and_releases_hold(account: Account, key:
     assert balances(account) == (D(10), D(0))
 
 
-def test_settle_replay_with_other_cost_is_a_conflict(account: Account, key: ApiKey, now: datetime) -> None:
+def test_settle_replay_with_other_cost_is_a_conflict(
+    account: Account, key: ApiKey, now: datetime
+) -> None:
     place(key, "r1", "2", now)
     hold_settle(request_id="r1", cost=D("1"), now=now)
     with pytest.raises(IdempotencyConflict):
@@ -218,14 +232,18 @@ def budget_key(account: Account, now: datetime) -> ApiKey:
     return make_key(account=account, now=now, budget_limit=D("5"), budget_period="day").api_key
 
 
-def test_place_beyond_key_budget_is_refused(account: Account, budget_key: ApiKey, now: datetime) -> None:
+def test_place_beyond_key_budget_is_refused(
+    account: Account, budget_key: ApiKey, now: datetime
+) -> None:
     with pytest.raises(BudgetExceeded):
         place(budget_key, "r1", "5.0000000001", now)
     assert balances(account) == (D(10), D(0))
     assert not Hold.objects.filter(request_id="r1").exists()
 
 
-def test_active_holds_count_against_budget(account: Account, budget_key: ApiKey, now: datetime) -> None:
+def test_active_holds_count_against_budget(
+    account: Account, budget_key: ApiKey, now: datetime
+) -> None:
     place(budget_key, "r1", "3", now)
     place(budget_key, "r2", "2", now)  # exactly at the limit
     with pytest.raises(BudgetExceeded):
@@ -234,7 +252,9 @@ def test_active_holds_count_against_budget(account: Account, budget_key: ApiKey,
     assert (budget_key.budget_held, budget_key.budget_spent) == (D(5), D(0))
 
 
-def test_settled_spend_counts_against_budget(account: Account, budget_key: ApiKey, now: datetime) -> None:
+def test_settled_spend_counts_against_budget(
+    account: Account, budget_key: ApiKey, now: datetime
+) -> None:
     place(budget_key, "r1", "3", now)
     hold_settle(request_id="r1", cost=D("2.5"), now=now)
     budget_key.refresh_from_db()
@@ -327,7 +347,9 @@ def test_negative_settle_cost_is_refused_and_leaves_hold_active(
     assert balances(account) == (D(10), D(2))
 
 
-def test_place_replay_returns_the_original_hold(account: Account, key: ApiKey, now: datetime) -> None:
+def test_place_replay_returns_the_original_hold(
+    account: Account, key: ApiKey, now: datetime
+) -> None:
     first = place(key, "r1", "2", now)
     again = place(key, "r1", "2", now + timedelta(seconds=1))
     assert again.pk == first.pk
@@ -350,7 +372,9 @@ def test_place_replay_at_budget_limit_returns_the_original_hold(
     assert place(budget_key, "r1", "5", now).pk == first.pk
 
 
-def test_place_replay_with_other_amount_is_a_conflict(account: Account, key: ApiKey, now: datetime) -> None:
+def test_place_replay_with_other_amount_is_a_conflict(
+    account: Account, key: ApiKey, now: datetime
+) -> None:
     place(key, "r1", "2", now)
     with pytest.raises(IdempotencyConflict):
         place(key, "r1", "3", now)

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+from billing.models import Tariff
 from billing.money import money_str
 from billing.pricing import Price, Usage, tariff_choose
 from billing.selectors import tariff_select
@@ -18,7 +19,7 @@ def at(year: int, month: int = 1, day: int = 1) -> datetime:
     return datetime(year, month, day, tzinfo=UTC)
 
 
-@dataclass(frozen=True)
+@dataclass
 class T:
     name: str
     purpose: str
@@ -47,19 +48,71 @@ ALL = tuple(UNIVERSE)
 CASES = [
     pytest.param(ALL, "realtime", "", at(2026, 6), "realtime-2026", id="realtime-current-price"),
     pytest.param(ALL, "batch", "", at(2026, 6), "batch", id="purpose-beats-realtime"),
-    pytest.param(ALL, "playground", "", at(2026, 6), "realtime-2026", id="unpriced-purpose-falls-back-to-realtime"),
-    pytest.param(ALL, "realtime", "", at(2025, 6), "realtime-2025", id="historical-price-before-change"),
-    pytest.param(ALL, "realtime", "", PRICE_CHANGE, "realtime-2026", id="new-price-from-change-instant"),
-    pytest.param(ALL, "realtime", "", PRICE_CHANGE - timedelta(microseconds=1), "realtime-2025", id="old-price-until-just-before-change"),
+    pytest.param(
+        ALL,
+        "playground",
+        "",
+        at(2026, 6),
+        "realtime-2026",
+        id="unpriced-purpose-falls-back-to-realtime",
+    ),
+    pytest.param(
+        ALL, "realtime", "", at(2025, 6), "realtime-2025", id="historical-price-before-change"
+    ),
+    pytest.param(
+        ALL, "realtime", "", PRICE_CHANGE, "realtime-2026", id="new-price-from-change-instant"
+    ),
+    pytest.param(
+        ALL,
+        "realtime",
+        "",
+        PRICE_CHANGE - timedelta(microseconds=1),
+        "realtime-2025",
+        id="old-price-until-just-before-change",
+    ),
     pytest.param(ALL, "batch", "24h", at(2026, 6), "batch-24h", id="exact-completion-window"),
     pytest.param(ALL, "batch", "1h", at(2026, 6), "batch-1h", id="other-exact-completion-window"),
-    pytest.param(ALL, "batch", "7d", at(2026, 6), "batch", id="unknown-window-falls-back-to-purpose-generic"),
-    pytest.param(("batch-24h", "batch-1h", "realtime-2026"), "batch", "7d", at(2026, 6), "realtime-2026", id="unknown-window-never-takes-another-windows-price"),
-    pytest.param(("batch-24h",), "batch", "", at(2026, 6), None, id="only-windowed-tariff-does-not-price-generic-request"),
-    pytest.param(ALL, "realtime", "24h", at(2026, 6), "realtime-2026", id="window-without-purpose-tariff-uses-realtime"),
-    pytest.param(ALL, "playground", "", at(2030), "playground-2030", id="tariff-applies-from-its-start"),
-    pytest.param(("playground-2030",), "playground", "", at(2029, 12, 31), None, id="future-tariff-never-used"),
-    pytest.param(ALL, "platform", "", at(2025, 3), "platform-h1-2025", id="bounded-tariff-inside-its-window"),
+    pytest.param(
+        ALL, "batch", "7d", at(2026, 6), "batch", id="unknown-window-falls-back-to-purpose-generic"
+    ),
+    pytest.param(
+        ("batch-24h", "batch-1h", "realtime-2026"),
+        "batch",
+        "7d",
+        at(2026, 6),
+        "realtime-2026",
+        id="unknown-window-never-takes-another-windows-price",
+    ),
+    pytest.param(
+        ("batch-24h",),
+        "batch",
+        "",
+        at(2026, 6),
+        None,
+        id="only-windowed-tariff-does-not-price-generic-request",
+    ),
+    pytest.param(
+        ALL,
+        "realtime",
+        "24h",
+        at(2026, 6),
+        "realtime-2026",
+        id="window-without-purpose-tariff-uses-realtime",
+    ),
+    pytest.param(
+        ALL, "playground", "", at(2030), "playground-2030", id="tariff-applies-from-its-start"
+    ),
+    pytest.param(
+        ("playground-2030",),
+        "playground",
+        "",
+        at(2029, 12, 31),
+        None,
+        id="future-tariff-never-used",
+    ),
+    pytest.param(
+        ALL, "platform", "", at(2025, 3), "platform-h1-2025", id="bounded-tariff-inside-its-window"
+    ),
     pytest.param(ALL, "platform", "", at(2025, 7), "realtime-2025", id="valid-until-is-exclusive"),
     pytest.param(ALL, "realtime", "", at(2024, 12, 31), None, id="before-any-tariff-is-none"),
     pytest.param((), "realtime", "", at(2026), None, id="no-tariffs-is-none"),
@@ -77,8 +130,12 @@ def test_tariff_choose(present, purpose, window, when, expected) -> None:  # typ
 def test_tariff_choose_prefers_latest_start_when_open_ended_tariffs_overlap() -> None:
     old = T("old", "realtime", "", at(2025))
     new = T("new", "realtime", "", at(2026))
-    assert tariff_choose([new, old], purpose="realtime", completion_window="", at=at(2026, 2)) is new
-    assert tariff_choose([new, old], purpose="realtime", completion_window="", at=at(2025, 2)) is old
+    assert (
+        tariff_choose([new, old], purpose="realtime", completion_window="", at=at(2026, 2)) is new
+    )
+    assert (
+        tariff_choose([new, old], purpose="realtime", completion_window="", at=at(2025, 2)) is old
+    )
 
 
 @pytest.mark.django_db
@@ -86,12 +143,16 @@ def test_tariff_choose_prefers_latest_start_when_open_ended_tariffs_overlap() ->
 def test_tariff_select(present, purpose, window, when, expected) -> None:  # type: ignore[no-untyped-def]
     model = LanguageModelFactory(alias="gpt-test")
     # A decoy model with a tariff for everything: selection must never look across models.
-    TariffFactory(model=LanguageModelFactory(alias="decoy"), purpose=purpose,
-                  completion_window=window, valid_from=at(2000))
+    TariffFactory(
+        model=LanguageModelFactory(alias="decoy"),
+        purpose=purpose,
+        completion_window=window,
+        valid_from=at(2000),
+    )
     ids = {}
     for name in present:
         spec = UNIVERSE[name]
-        row = TariffFactory(
+        row: Tariff = TariffFactory(  # type: ignore[assignment]
             model=model,
             purpose=spec.purpose,
             completion_window=spec.completion_window,
@@ -99,7 +160,9 @@ def test_tariff_select(present, purpose, window, when, expected) -> None:  # typ
             valid_until=spec.valid_until,
         )
         ids[row.pk] = name
-    chosen = tariff_select(model_alias="gpt-test", purpose=purpose, completion_window=window, at=when)
+    chosen = tariff_select(
+        model_alias="gpt-test", purpose=purpose, completion_window=window, at=when
+    )
     assert (ids[chosen.pk] if chosen else None) == expected
 
 
@@ -118,16 +181,35 @@ BARE = Price(input_per_mtok=Decimal("2.5"), output_per_mtok=Decimal("10"))
     [
         pytest.param(PRICE, Usage(input_tokens=1000), "0.0025", id="input"),
         pytest.param(PRICE, Usage(cached_input_tokens=1000), "0.00125", id="cached-input"),
-        pytest.param(BARE, Usage(cached_input_tokens=1000), "0.0025", id="cached-input-falls-back-to-input"),
+        pytest.param(
+            BARE, Usage(cached_input_tokens=1000), "0.0025", id="cached-input-falls-back-to-input"
+        ),
         pytest.param(PRICE, Usage(cache_write_tokens=1000), "0.00375", id="cache-write"),
-        pytest.param(BARE, Usage(cache_write_tokens=1000), "0.0025", id="cache-write-falls-back-to-input"),
+        pytest.param(
+            BARE, Usage(cache_write_tokens=1000), "0.0025", id="cache-write-falls-back-to-input"
+        ),
         pytest.param(PRICE, Usage(output_tokens=1000), "0.01", id="output"),
-        pytest.param(PRICE, Usage(output_tokens=1000, reasoning_tokens=400), "0.0120", id="reasoning-within-output"),
-        pytest.param(BARE, Usage(output_tokens=1000, reasoning_tokens=400), "0.01", id="reasoning-falls-back-to-output"),
         pytest.param(
             PRICE,
-            Usage(input_tokens=1_000_003, cached_input_tokens=17, cache_write_tokens=333,
-                  output_tokens=9_999, reasoning_tokens=1_234),
+            Usage(output_tokens=1000, reasoning_tokens=400),
+            "0.0120",
+            id="reasoning-within-output",
+        ),
+        pytest.param(
+            BARE,
+            Usage(output_tokens=1000, reasoning_tokens=400),
+            "0.01",
+            id="reasoning-falls-back-to-output",
+        ),
+        pytest.param(
+            PRICE,
+            Usage(
+                input_tokens=1_000_003,
+                cached_input_tokens=17,
+                cache_write_tokens=333,
+                output_tokens=9_999,
+                reasoning_tokens=1_234,
+            ),
             "2.6074375",
             id="every-class-at-once-exact",
         ),
