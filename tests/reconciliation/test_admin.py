@@ -678,3 +678,27 @@ def test_statement_of_a_system_account_sums_its_legs(reader, finance, item):
 
     assert page.status_code == 200
     assert 'id="statement-balance">-0.1234567891<' in page.content.decode()
+
+
+def test_csv_export_streams_under_asgi(viewer, account, now):
+    from asgiref.sync import async_to_sync
+    from django.test import AsyncClient
+
+    client = AsyncClient()
+    client.force_login(viewer)
+
+    async def fetch() -> tuple[bool, str]:
+        response = await client.get(
+            reverse("admin:billing_ledgertransaction_export") + "?kind__exact=grant"
+        )
+        chunks = [chunk async for chunk in response.streaming_content]  # type: ignore[attr-defined]
+        return response.is_async, b"".join(chunks).decode()  # type: ignore[attr-defined]
+
+    is_async, body = async_to_sync(fetch)()
+
+    assert is_async  # an async generator: ASGI servers stream it instead of buffering it
+    rows = list(csv.DictReader(io.StringIO(body)))
+    assert [(row["account_id"], row["amount"]) for row in rows] == [
+        (str(account.pk), "10.0000000000"),
+        (str(SYSTEM_ACCOUNT_IDS[Account.Kind.PROMOTIONS]), "-10.0000000000"),
+    ]
