@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import Group, User
+from django.db import transaction
 
 from billing.errors import HoldAlreadyResolved, IdempotencyConflict, InvalidAmount
 from billing.models import SYSTEM_ACCOUNT_IDS, Account, Hold, LedgerLeg, LedgerTransaction
@@ -42,7 +43,10 @@ def staff(db) -> User:
 def make_failure(*, issued_key, now, request_id="req-1", cost=COST, held=HELD, kind=None):
     """A pending item for a request whose hold is still active (the settle never landed)."""
     hold = hold_place(
-        api_key=issued_key.api_key, request_id=request_id, amount=held, now=now,
+        api_key=issued_key.api_key,
+        request_id=request_id,
+        amount=held,
+        now=now,
         model_alias="gpt-test",
     )
     return ReconciliationItem.objects.create(
@@ -95,11 +99,17 @@ def test_charge_posts_usage_under_request_key_and_records_staff_action(
     assert (hold.state, hold.settled_amount, hold.transaction_id) == ("settled", COST, txn.pk)
     item.refresh_from_db()
     assert (item.status, item.resolved_by, item.resolution_memo, item.transaction_id) == (
-        "resolved", staff, "customer agreed", txn.pk,
+        "resolved",
+        staff,
+        "customer agreed",
+        txn.pk,
     )
     action = StaffAction.objects.get()
     assert (action.user, action.action, action.memo, action.transaction_id) == (
-        staff, "item_charge", "customer agreed", txn.pk,
+        staff,
+        "item_charge",
+        "customer agreed",
+        txn.pk,
     )
 
 
@@ -153,7 +163,7 @@ def test_charge_after_write_off_posts_nothing(account, issued_key, now, staff):
     item = make_failure(issued_key=issued_key, now=now)
     written_off = item_write_off(item_id=item.pk, user=staff, memo="goodwill", now=now)
 
-    with django_atomic():
+    with transaction.atomic():
         txn = request_charge_post(request_id="req-1", cost=COST, memo="try", now=now)
 
     assert txn is not None
@@ -188,9 +198,7 @@ def test_write_off_after_settle_is_refused_and_records_nothing(account, issued_k
 
 
 def test_expired_hold_charge_posts_known_cost_once_flagged_late(account, issued_key, now, staff):
-    item = make_failure(
-        issued_key=issued_key, now=now, kind=ReconciliationItem.Kind.EXPIRED_HOLD
-    )
+    item = make_failure(issued_key=issued_key, now=now, kind=ReconciliationItem.Kind.EXPIRED_HOLD)
     later = now + timedelta(hours=1)
     holds_expire(now=later)
     account.refresh_from_db()
@@ -238,14 +246,17 @@ def test_resolve_closes_item_with_note_and_moves_no_money(account, issued_key, n
 
     item.refresh_from_db()
     assert (item.status, item.resolution_memo, item.transaction_id) == (
-        "resolved", "duplicate of #7", None,
+        "resolved",
+        "duplicate of #7",
+        None,
     )
     assert LedgerLeg.objects.count() == entries_before
     assert StaffAction.objects.get().memo == "duplicate of #7"
 
 
 @pytest.mark.parametrize(
-    "action", [item_charge, item_write_off, item_resolve, item_retry],
+    "action",
+    [item_charge, item_write_off, item_resolve, item_retry],
     ids=["charge", "write_off", "resolve", "retry"],
 )
 def test_item_action_without_memo_is_refused(action, account, issued_key, now, staff):
@@ -260,7 +271,8 @@ def test_item_action_without_memo_is_refused(action, account, issued_key, now, s
 
 
 @pytest.mark.parametrize(
-    "action", [item_charge, item_write_off, item_resolve, item_retry],
+    "action",
+    [item_charge, item_write_off, item_resolve, item_retry],
     ids=["charge", "write_off", "resolve", "retry"],
 )
 def test_item_action_on_closed_item_is_refused(action, account, issued_key, now, staff):
@@ -306,8 +318,13 @@ def test_staff_credit_posts_balanced_legs_and_records_action(
     kind, amount, source, account, now, staff
 ):
     txn, replayed = credit_post_by_staff(
-        kind=kind, account_id=account.pk, amount=amount, memo="ticket 42",
-        idempotency_key="form-1", user=staff, now=now,
+        kind=kind,
+        account_id=account.pk,
+        amount=amount,
+        memo="ticket 42",
+        idempotency_key="form-1",
+        user=staff,
+        now=now,
     )
 
     assert replayed is False
@@ -316,18 +333,30 @@ def test_staff_credit_posts_balanced_legs_and_records_action(
     assert account.balance == Decimal("10") + amount
     action = StaffAction.objects.get()
     assert (action.action, action.memo, action.transaction_id) == (
-        f"credit_{kind}", "ticket 42", txn.pk,
+        f"credit_{kind}",
+        "ticket 42",
+        txn.pk,
     )
 
 
 def test_staff_credit_double_submit_posts_once(account, now, staff):
     first, _ = credit_post_by_staff(
-        kind="grant", account_id=account.pk, amount=Decimal("3"), memo="promo",
-        idempotency_key="form-2", user=staff, now=now,
+        kind="grant",
+        account_id=account.pk,
+        amount=Decimal("3"),
+        memo="promo",
+        idempotency_key="form-2",
+        user=staff,
+        now=now,
     )
     second, replayed = credit_post_by_staff(
-        kind="grant", account_id=account.pk, amount=Decimal("3"), memo="promo",
-        idempotency_key="form-2", user=staff, now=now,
+        kind="grant",
+        account_id=account.pk,
+        amount=Decimal("3"),
+        memo="promo",
+        idempotency_key="form-2",
+        user=staff,
+        now=now,
     )
 
     assert replayed is True
@@ -339,20 +368,24 @@ def test_staff_credit_double_submit_posts_once(account, now, staff):
 
 def test_staff_credit_same_key_different_amount_is_a_conflict(account, now, staff):
     credit_post_by_staff(
-        kind="grant", account_id=account.pk, amount=Decimal("3"), memo="promo",
-        idempotency_key="form-3", user=staff, now=now,
+        kind="grant",
+        account_id=account.pk,
+        amount=Decimal("3"),
+        memo="promo",
+        idempotency_key="form-3",
+        user=staff,
+        now=now,
     )
 
     with pytest.raises(IdempotencyConflict):
         credit_post_by_staff(
-            kind="grant", account_id=account.pk, amount=Decimal("4"), memo="promo",
-            idempotency_key="form-3", user=staff, now=now,
+            kind="grant",
+            account_id=account.pk,
+            amount=Decimal("4"),
+            memo="promo",
+            idempotency_key="form-3",
+            user=staff,
+            now=now,
         )
     account.refresh_from_db()
     assert account.balance == Decimal("13")
-
-
-def django_atomic():
-    from django.db import transaction
-
-    return transaction.atomic()
