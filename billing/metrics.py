@@ -32,9 +32,7 @@ MISSED_DEDUCTIONS_USD = Counter(
 HOLDS = Counter(
     "billing_holds_total", "Hold transitions (placed, settled, released, expired).", ["event"]
 )
-HOLD_REFUSALS = Counter(
-    "billing_hold_refusals_total", "Holds refused, by reason.", ["reason"]
-)
+HOLD_REFUSALS = Counter("billing_hold_refusals_total", "Holds refused, by reason.", ["reason"])
 ESTIMATED_USAGE = Counter(
     "billing_estimated_usage_total", "Requests billed from an estimate (no upstream usage)."
 )
@@ -54,7 +52,7 @@ TIME_TO_FIRST_BYTE = Histogram(
     "gateway_time_to_first_byte_seconds",
     "Time from request start to the first upstream byte relayed.",
     ["endpoint"],
-    buckets=LATENCY_BUCKETS + (5, 10, 30),
+    buckets=(*LATENCY_BUCKETS, 5, 10, 30),
 )
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors_total", "Upstream failures by stage and kind.", ["stage", "kind"]

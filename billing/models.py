@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
-
-from decimal import Decimal
 
 from billing.money import MoneyField
 from billing.pricing import Price
@@ -158,6 +158,10 @@ class Tariff(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        window = f"/{self.completion_window}" if self.completion_window else ""
+        return f"{self.model_id}:{self.purpose}{window} from {self.valid_from:%Y-%m-%d}"
+
     @property
     def price(self) -> Price:
         return Price(
@@ -167,10 +171,6 @@ class Tariff(models.Model):
             cache_write_per_mtok=self.cache_write_per_mtok,
             reasoning_per_mtok=self.reasoning_per_mtok,
         )
-
-    def __str__(self) -> str:
-        window = f"/{self.completion_window}" if self.completion_window else ""
-        return f"{self.model_id}:{self.purpose}{window} from {self.valid_from:%Y-%m-%d}"
 
 
 class LedgerTransaction(models.Model):
@@ -215,13 +215,18 @@ class LedgerTransaction(models.Model):
 class LedgerLeg(models.Model):
     """One side of a posting. Positive credits the account's balance, negative debits it."""
 
-    transaction = models.ForeignKey(LedgerTransaction, on_delete=models.PROTECT, related_name="legs")
+    transaction = models.ForeignKey(
+        LedgerTransaction, on_delete=models.PROTECT, related_name="legs"
+    )
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="legs")
     amount = MoneyField()
 
     class Meta:
         constraints = [models.CheckConstraint(condition=~Q(amount=0), name="leg_amount_non_zero")]
         indexes = [models.Index(fields=["account", "transaction"])]
+
+    def __str__(self) -> str:
+        return f"{self.amount} on account {self.account_id} (transaction {self.transaction_id})"
 
 
 class Hold(models.Model):

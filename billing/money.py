@@ -74,7 +74,7 @@ def money_str(amount: Decimal) -> str:
     return format(money_round(amount), "f")
 
 
-class MoneyField(models.Field):  # type: ignore[type-arg]
+class MoneyField(models.Field):
     """USD amount stored as bigint units of 1e-10.
 
     Deliberately not an IntegerField subclass: mixing it with a bare Decimal in an F()
@@ -111,9 +111,11 @@ class MoneyField(models.Field):  # type: ignore[type-arg]
     def formfield(self, **kwargs: Any) -> Any:
         from django import forms
 
-        defaults = {"form_class": forms.DecimalField, "decimal_places": MONEY_PLACES}
-        defaults.update(kwargs)
-        return super().formfield(**defaults)
+        defaults: dict[str, Any] = {
+            "form_class": forms.DecimalField,
+            "decimal_places": MONEY_PLACES,
+        }
+        return super().formfield(**{**defaults, **kwargs})
 
 
 for _connector in (Combinable.ADD, Combinable.SUB):

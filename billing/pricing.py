@@ -72,9 +72,7 @@ class Price:
             if rate is not None
         )
         output_rate = max(self.output_per_mtok, self.reasoning_per_mtok or self.output_per_mtok)
-        return money_round(
-            (prompt_tokens * input_rate + max_output_tokens * output_rate) / MILLION
-        )
+        return money_round((prompt_tokens * input_rate + max_output_tokens * output_rate) / MILLION)
 
 
 class TariffLike(Protocol):

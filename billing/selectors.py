@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from django.db.models import Count, QuerySet, IntegerField, OuterRef, Q, Subquery, Sum, Value
+from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
 from billing.errors import AccountNotFound
@@ -117,7 +118,7 @@ class AuditReport:
         }
 
 
-def _accounts_with_ledger_totals() -> Iterator[dict[str, object]]:
+def _accounts_with_ledger_totals() -> Iterator[Any]:
     legs_total = (
         LedgerLeg.objects.filter(account_id=OuterRef("pk"))
         .values("account_id")
@@ -133,8 +134,12 @@ def _accounts_with_ledger_totals() -> Iterator[dict[str, object]]:
     return (
         Account.objects.filter(kind=Account.Kind.CUSTOMER)
         .annotate(
-            ledger_balance=Coalesce(Subquery(legs_total, output_field=MoneyField()), money_value(ZERO)),
-            active_holds=Coalesce(Subquery(holds_total, output_field=MoneyField()), money_value(ZERO)),
+            ledger_balance=Coalesce(
+                Subquery(legs_total, output_field=MoneyField()), money_value(ZERO)
+            ),
+            active_holds=Coalesce(
+                Subquery(holds_total, output_field=MoneyField()), money_value(ZERO)
+            ),
         )
         .values("pk", "balance", "held", "ledger_balance", "active_holds")
         .order_by("pk")
@@ -152,10 +157,10 @@ def ledger_audit() -> AuditReport:
             mismatches.append(
                 {
                     "account_id": row["pk"],
-                    "cached_balance": money_str(row["balance"]),  # type: ignore[arg-type]
-                    "ledger_balance": money_str(row["ledger_balance"]),  # type: ignore[arg-type]
-                    "cached_held": money_str(row["held"]),  # type: ignore[arg-type]
-                    "active_holds": money_str(row["active_holds"]),  # type: ignore[arg-type]
+                    "cached_balance": money_str(row["balance"]),
+                    "ledger_balance": money_str(row["ledger_balance"]),
+                    "cached_held": money_str(row["held"]),
+                    "active_holds": money_str(row["active_holds"]),
                 }
             )
     unbalanced = list(
@@ -165,26 +170,34 @@ def ledger_audit() -> AuditReport:
         .order_by("transaction_id")
         .values_list("transaction_id", flat=True)
     )
-    return AuditReport(accounts_checked=checked, mismatches=mismatches, unbalanced_transactions=unbalanced)
+    return AuditReport(
+        accounts_checked=checked, mismatches=mismatches, unbalanced_transactions=unbalanced
+    )
 
 
 def system_balances() -> dict[str, Decimal]:
     """Trial balance of the system accounts (summed from legs: they have no cached balance)."""
     rows = (
-        LedgerLeg.objects.filter(account__kind__in=[k for k in Account.Kind.values if k != "customer"])
+        LedgerLeg.objects.filter(
+            account__kind__in=[k for k in Account.Kind.values if k != "customer"]
+        )
         .values("account__kind")
         .annotate(total=Sum("amount"))
     )
     return {row["account__kind"]: row["total"] for row in rows}
 
 
-def usage_totals(*, account_id: int, start: datetime, end: datetime) -> dict[str, list[dict[str, object]]]:
+def usage_totals(
+    *, account_id: int, start: datetime, end: datetime
+) -> dict[str, list[dict[str, object]]]:
     """Usage records of [start, end) summed by UTC day and by model."""
     from django.db.models.functions import TruncDate
 
     from billing.models import UsageRecord
 
-    records = UsageRecord.objects.filter(account_id=account_id, started_at__gte=start, started_at__lt=end)
+    records = UsageRecord.objects.filter(
+        account_id=account_id, started_at__gte=start, started_at__lt=end
+    )
     sums = {
         "requests": Count("id"),
         "input_tokens": Sum("input_tokens"),
@@ -205,7 +218,5 @@ def usage_totals(*, account_id: int, start: datetime, end: datetime) -> dict[str
         return out
 
     records = records.annotate(day=TruncDate("started_at"))
-    by_model = [
-        {"model": row.pop("model_alias"), **row} for row in rows("model_alias")
-    ]
+    by_model = [{"model": row.pop("model_alias"), **row} for row in rows("model_alias")]
     return {"by_day": rows("day"), "by_model": by_model}

@@ -99,7 +99,7 @@ if DATABASE_URL:
         _db["OPTIONS"] = {
             "pool": {
                 "min_size": env_int("DB_POOL_MIN_SIZE", 1),
-                "max_size": env_int("DB_POOL_MAX_SIZE", 20),
+                "max_size": env_int("DB_POOL_MAX_SIZE", 32),
                 "timeout": env_int("DB_POOL_TIMEOUT_SECONDS", 10),
                 "max_lifetime": 600,
             },
@@ -111,7 +111,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "billing.sqlite3",
+            "NAME": str(VAR_DIR / "billing.sqlite3"),
             "CONN_MAX_AGE": 0,
             "OPTIONS": {
                 # IMMEDIATE takes the write lock at BEGIN, so concurrent holds serialise instead

@@ -54,7 +54,10 @@ def error_body(error: GatewayError, style: str) -> dict[str, object]:
     if style == ANTHROPIC:
         return {
             "type": "error",
-            "error": {"type": _ANTHROPIC_TYPES.get(error.status, "api_error"), "message": error.message},
+            "error": {
+                "type": _ANTHROPIC_TYPES.get(error.status, "api_error"),
+                "message": error.message,
+            },
         }
     return {
         "error": {
@@ -76,20 +79,29 @@ def error_response(error: GatewayError, style: str, request_id: str | None = Non
 def error_from_billing(exc: BillingError) -> GatewayError:
     if isinstance(exc, InsufficientFunds):
         return GatewayError(
-            402, "Insufficient credit for this request's worst-case cost.",
-            "insufficient_quota", "insufficient_quota",
+            402,
+            "Insufficient credit for this request's worst-case cost.",
+            "insufficient_quota",
+            "insufficient_quota",
         )
     if isinstance(exc, BudgetExceeded):
         return GatewayError(
-            403, "This API key's spend budget for the period is exhausted.",
-            "budget_exceeded", "budget_exceeded",
+            403,
+            "This API key's spend budget for the period is exhausted.",
+            "budget_exceeded",
+            "budget_exceeded",
         )
     if isinstance(exc, AccountInactive):
-        return GatewayError(403, f"The account is {exc.status}.", "permission_error", "account_inactive")
+        return GatewayError(
+            403, f"The account is {exc.status}.", "permission_error", "account_inactive"
+        )
     if isinstance(exc, ModelNotPriced):
         return GatewayError(
-            400, f"The model {exc.model_alias!r} has no price and cannot be billed.",
-            "invalid_request_error", "model_not_priced", "model",
+            400,
+            f"The model {exc.model_alias!r} has no price and cannot be billed.",
+            "invalid_request_error",
+            "model_not_priced",
+            "model",
         )
     if isinstance(exc, IdempotencyConflict):
         return GatewayError(409, str(exc), "invalid_request_error", "idempotency_conflict")

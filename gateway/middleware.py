@@ -3,7 +3,6 @@ shaped JSON for every error, including 404, 413 and 500 raised outside the views
 
 from __future__ import annotations
 
-
 import logging
 import uuid
 from collections.abc import Callable
@@ -19,7 +18,9 @@ logger = logging.getLogger(__name__)
 _STATUS_ERRORS = {
     404: GatewayError(404, "Unknown endpoint.", "invalid_request_error", "unknown_url"),
     405: GatewayError(405, "Method not allowed.", "invalid_request_error", "method_not_allowed"),
-    413: GatewayError(413, "The request body is too large.", "invalid_request_error", "request_too_large"),
+    413: GatewayError(
+        413, "The request body is too large.", "invalid_request_error", "request_too_large"
+    ),
     500: GatewayError(500, "The gateway hit an internal error.", "server_error", "internal_error"),
 }
 
@@ -67,10 +68,12 @@ class GatewayMiddleware:
             return error_response(too_large(), style)
         return None
 
-    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
+    def process_exception(
+        self, request: HttpRequest, exception: Exception
+    ) -> HttpResponseBase | None:
         if not request.path.startswith("/v1/"):
             return None
-        logger.exception("unhandled gateway error (request %s)", getattr(request, "request_id", "?"))
+        logger.exception(
+            "unhandled gateway error (request %s)", getattr(request, "request_id", "?")
+        )
         return error_response(_STATUS_ERRORS[500], style_for_path(request.path))
-
-

@@ -24,7 +24,7 @@ import aiohttp
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from rest_framework.request import Request
 
@@ -75,7 +75,7 @@ class BilledRequest:
             metrics.TIME_TO_FIRST_BYTE.labels(self.adapter.endpoint).observe(elapsed)
 
 
-def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -> HttpResponse:
+def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -> HttpResponseBase:
     request_id: str = request._request.request_id  # type: ignore[attr-defined]
     started = time.monotonic()
     now = timezone.now()
@@ -94,12 +94,17 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
         )
     prompt_tokens = messages_tokens(parsed.messages, system=parsed.system)
     hold_amount = max(
-        price.worst_case(prompt_tokens=with_margin(prompt_tokens), max_output_tokens=max_output * parsed.n),
+        price.worst_case(
+            prompt_tokens=with_margin(prompt_tokens), max_output_tokens=max_output * parsed.n
+        ),
         QUANTUM,
     )
     try:
         hold_place(
-            api_key=api_key, request_id=request_id, amount=hold_amount, now=now,
+            api_key=api_key,
+            request_id=request_id,
+            amount=hold_amount,
+            now=now,
             model_alias=parsed.model,
         )
     except BillingError as exc:
@@ -111,11 +116,20 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
     connection.close()
 
     billed = BilledRequest(
-        request_id=request_id, adapter=adapter, parsed=parsed, context=context, price=price,
-        prompt_tokens=prompt_tokens, hold_amount=hold_amount, started_at=now, started=started,
+        request_id=request_id,
+        adapter=adapter,
+        parsed=parsed,
+        context=context,
+        price=price,
+        prompt_tokens=prompt_tokens,
+        hold_amount=hold_amount,
+        started_at=now,
+        started=started,
     )
     url, headers, body = adapter.upstream_request(
-        parsed, context.target(), max_output_tokens=max_output,
+        parsed,
+        context.target(),
+        max_output_tokens=max_output,
         anthropic_version=request.headers.get("anthropic-version"),
     )
     timeout = aiohttp.ClientTimeout(
@@ -139,12 +153,12 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
         raise
 
     if parsed.stream:
-        response = StreamingHttpResponse(
+        stream = StreamingHttpResponse(
             _relay(billed, call, state, first), content_type=adapter.stream_content_type
         )
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
+        stream["Cache-Control"] = "no-cache"
+        stream["X-Accel-Buffering"] = "no"
+        return stream
 
     billed.mark_first_byte()
     usage = adapter.usage_from_body(payload)
@@ -164,7 +178,10 @@ async def _call_json(
 
 
 async def _stream_open(
-    billed: BilledRequest, url: str, headers: dict[str, str], body: dict[str, Any],
+    billed: BilledRequest,
+    url: str,
+    headers: dict[str, str],
+    body: dict[str, Any],
     timeout: aiohttp.ClientTimeout,
 ) -> tuple[UpstreamCall, StreamState, bytes]:
     """Open the upstream stream and wait for its first event, so that a failure before the
@@ -212,11 +229,15 @@ async def _relay(
     if outcome != "completed":
         metrics.UPSTREAM_ERRORS.labels("mid_stream", outcome).inc()
     usage, cost = await _settle_protected(billed, state, outcome=outcome)
-    metrics.STREAM_DURATION.labels(billed.adapter.endpoint).observe(time.monotonic() - billed.started)
+    metrics.STREAM_DURATION.labels(billed.adapter.endpoint).observe(
+        time.monotonic() - billed.started
+    )
     if outcome == "completed":
         yield state.closing(usage=usage, cost=cost)
     else:
-        yield billed.adapter.stream_error("The upstream failed mid-stream; the partial output was billed.")
+        yield billed.adapter.stream_error(
+            "The upstream failed mid-stream; the partial output was billed."
+        )
 
 
 async def _settle_protected(
@@ -225,8 +246,10 @@ async def _settle_protected(
     """Settle from the stream's state; a cancellation of the client's request cannot cut it
     short (the settle runs to completion in its own task, and we wait for it)."""
     complete = outcome == "completed" and state.usage is not None
-    usage = state.usage if complete else _estimated_usage(
-        billed, reported=state.usage, generated=state.texts
+    usage = (
+        state.usage
+        if complete
+        else _estimated_usage(billed, reported=state.usage, generated=state.texts)
     )
     assert usage is not None
     task = asyncio.ensure_future(
@@ -240,7 +263,9 @@ async def _settle_protected(
     return usage, cost
 
 
-def _estimated_usage(billed: BilledRequest, *, reported: Usage | None, generated: list[str]) -> Usage:
+def _estimated_usage(
+    billed: BilledRequest, *, reported: Usage | None, generated: list[str]
+) -> Usage:
     """Usage when the upstream reported none (or only part): our own token counts."""
     output = sum(text_tokens(text) for text in generated)
     if reported is not None and reported.prompt_tokens:
@@ -263,13 +288,22 @@ def _settle(billed: BilledRequest, *, usage: Usage, outcome: str) -> Decimal:
     started = time.monotonic()
     try:
         result = hold_settle(
-            request_id=billed.request_id, cost=cost, now=timezone.now(), usage=usage, details=details
+            request_id=billed.request_id,
+            cost=cost,
+            now=timezone.now(),
+            usage=usage,
+            details=details,
         )
     except DatabaseError as exc:
-        logger.warning("settle of %s failed (%s); handing it to the retry task",
-                       billed.request_id, type(exc).__name__)
+        logger.warning(
+            "settle of %s failed (%s); handing it to the retry task",
+            billed.request_id,
+            type(exc).__name__,
+        )
         metrics.SETTLEMENTS.labels("handed_off").inc()
-        _handoff(billed, usage=usage, cost=cost, details=details, error=f"{type(exc).__name__}: {exc}")
+        _handoff(
+            billed, usage=usage, cost=cost, details=details, error=f"{type(exc).__name__}: {exc}"
+        )
         return cost
     except (HoldAlreadyResolved, IdempotencyConflict) as exc:
         logger.error("settle of %s refused: %s", billed.request_id, exc)
@@ -281,8 +315,12 @@ def _settle(billed: BilledRequest, *, usage: Usage, outcome: str) -> Decimal:
     metrics.SETTLEMENTS.labels("replayed" if result.replayed else "settled").inc()
     if result.is_overrun:
         metrics.SETTLEMENTS.labels("overrun").inc()
-        logger.warning("request %s overran its hold: cost %s > held %s",
-                       billed.request_id, cost, billed.hold_amount)
+        logger.warning(
+            "request %s overran its hold: cost %s > held %s",
+            billed.request_id,
+            cost,
+            billed.hold_amount,
+        )
     if result.is_late:
         metrics.SETTLEMENTS.labels("late").inc()
     metrics.HOLDS.labels("settled").inc()
@@ -305,7 +343,9 @@ def _count_tokens(model: str, usage: Usage) -> None:
             metrics.TOKENS.labels(model, kind).inc(count)
 
 
-def _handoff(billed: BilledRequest, *, usage: Usage, cost: Decimal, details: RequestDetails, error: str) -> None:
+def _handoff(
+    billed: BilledRequest, *, usage: Usage, cost: Decimal, details: RequestDetails, error: str
+) -> None:
     try:
         from reconciliation.services.failures import settlement_handoff
     except ImportError:  # pragma: no cover - reconciliation not installed
@@ -318,7 +358,9 @@ def _handoff(billed: BilledRequest, *, usage: Usage, cost: Decimal, details: Req
 
 def _release(billed: BilledRequest, *, outcome: str) -> None:
     try:
-        hold_release(request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome))
+        hold_release(
+            request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)
+        )
         metrics.HOLDS.labels("released").inc()
     except DatabaseError:
         # The hold stays and the sweeper reclaims it at expiry; the client still gets the
@@ -330,9 +372,13 @@ def _release(billed: BilledRequest, *, outcome: str) -> None:
 
 def upstream_error(failure: UpstreamFailure) -> GatewayError:
     if failure.kind == "timeout":
-        return GatewayError(504, "The upstream provider timed out.", "server_error", "upstream_timeout")
+        return GatewayError(
+            504, "The upstream provider timed out.", "server_error", "upstream_timeout"
+        )
     if failure.kind == "status" and failure.status is not None:
-        message = _upstream_message(failure.body) or f"The upstream provider answered {failure.status}."
+        message = (
+            _upstream_message(failure.body) or f"The upstream provider answered {failure.status}."
+        )
         if failure.status == 429:
             return GatewayError(429, message, "rate_limit_error", "rate_limit_exceeded")
         if failure.status in (400, 404, 409, 413, 422):
@@ -346,5 +392,3 @@ def _upstream_message(body: Any) -> str:
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             return error["message"]
     return ""
-
-

@@ -46,9 +46,13 @@ def api_key_authenticate(*, secret: str, now: datetime) -> ApiKey:
     if api_key is None:
         raise GatewayError(401, "Invalid API key.", "invalid_request_error", "invalid_api_key")
     if api_key.status != ApiKey.Status.ACTIVE:
-        raise GatewayError(401, "This API key has been revoked.", "invalid_request_error", "invalid_api_key")
+        raise GatewayError(
+            401, "This API key has been revoked.", "invalid_request_error", "invalid_api_key"
+        )
     if api_key.expires_at is not None and api_key.expires_at <= now:
-        raise GatewayError(401, "This API key has expired.", "invalid_request_error", "invalid_api_key")
+        raise GatewayError(
+            401, "This API key has expired.", "invalid_request_error", "invalid_api_key"
+        )
     return api_key
 
 
@@ -96,8 +100,11 @@ def model_context_get(*, alias: str) -> ModelContext:
         _cache().set(cache_key, context, settings.GATEWAY_CACHE_TTL_SECONDS)
     if context is None:
         raise GatewayError(
-            404, f"The model '{alias}' does not exist or you do not have access to it.",
-            "invalid_request_error", "model_not_found", "model",
+            404,
+            f"The model '{alias}' does not exist or you do not have access to it.",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
         )
     return context
 
@@ -135,8 +142,10 @@ def models_for_key(*, api_key: ApiKey, at: datetime) -> list[str]:
         for model in routed
         if allow_default
         or tariff_choose(
-            model.tariffs.all(), purpose=api_key.purpose,
-            completion_window=api_key.completion_window, at=at,
+            model.tariffs.all(),
+            purpose=api_key.purpose,
+            completion_window=api_key.completion_window,
+            at=at,
         )
         is not None
     )

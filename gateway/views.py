@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpResponse, JsonResponse
+from django.db import DatabaseError
+from django.http import HttpResponseBase, JsonResponse
 from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
+from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.errors import BillingError
 from billing.models import ApiKey
 from billing.selectors import account_balance_get, account_entries, leg_as_json, usage_totals
 from gateway.auth import ApiKeyAuthentication
-from gateway.errors import ANTHROPIC, OPENAI, GatewayError, error_from_billing, error_response, invalid_param
+from gateway.errors import (
+    ANTHROPIC,
+    OPENAI,
+    GatewayError,
+    error_body,
+    error_from_billing,
+    invalid_param,
+)
 from gateway.middleware import too_large
 from gateway.pipeline import pipeline_run
 from gateway.selectors import models_for_key
@@ -37,11 +47,25 @@ def gateway_error(exc: Exception) -> GatewayError:
     if isinstance(exc, RequestDataTooBig):
         return too_large()
     if isinstance(exc, exceptions.ParseError):
-        return GatewayError(400, "We could not parse the JSON body of your request.",
-                            "invalid_request_error", "invalid_json")
+        return GatewayError(
+            400,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        )
     if isinstance(exc, exceptions.UnsupportedMediaType):
-        return GatewayError(415, "Send the body as application/json.", "invalid_request_error",
-                            "unsupported_media_type")
+        return GatewayError(
+            415,
+            "Send the body as application/json.",
+            "invalid_request_error",
+            "unsupported_media_type",
+        )
+    if isinstance(exc, DatabaseError):
+        # Pool exhausted or database down: nothing was held or charged; the client may retry.
+        logger.warning("database unavailable before the hold: %s", type(exc).__name__)
+        return GatewayError(
+            503, "Billing is temporarily unavailable; retry shortly.", "server_error", "unavailable"
+        )
     if isinstance(exc, exceptions.APIException):
         return GatewayError(exc.status_code, str(exc.detail), "invalid_request_error")
     logger.exception("unhandled gateway error")
@@ -52,8 +76,14 @@ class GatewayView(APIView):
     authentication_classes = [ApiKeyAuthentication]
     style = OPENAI
 
-    def handle_exception(self, exc: Exception) -> HttpResponse:
-        return error_response(gateway_error(exc), self.style)
+    def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
+        style = self.style
+
+        def handler(exc: Exception, context: dict[str, Any]) -> Response:
+            error = gateway_error(exc)
+            return Response(error_body(error, style), status=error.status)
+
+        return handler
 
     @property
     def api_key(self) -> ApiKey:
@@ -63,7 +93,7 @@ class GatewayView(APIView):
 class CompletionView(GatewayView):
     adapter: type[Adapter]
 
-    def post(self, request: Request) -> HttpResponse:
+    def post(self, request: Request) -> HttpResponseBase:
         return pipeline_run(request=request, adapter=self.adapter, api_key=self.api_key)
 
 
@@ -77,19 +107,21 @@ class MessagesView(CompletionView):
 
 
 class ModelsView(GatewayView):
-    def get(self, request: Request) -> HttpResponse:
+    def get(self, request: Request) -> HttpResponseBase:
         aliases = models_for_key(api_key=self.api_key, at=timezone.now())
         return JsonResponse(
             {
                 "object": "list",
-                "data": [{"id": alias, "object": "model", "created": 0, "owned_by": "gateway"}
-                         for alias in aliases],
+                "data": [
+                    {"id": alias, "object": "model", "created": 0, "owned_by": "gateway"}
+                    for alias in aliases
+                ],
             }
         )
 
 
 class BalanceView(GatewayView):
-    def get(self, request: Request) -> HttpResponse:
+    def get(self, request: Request) -> HttpResponseBase:
         return JsonResponse(account_balance_get(account_id=self.api_key.account_id).as_json())
 
 
@@ -101,7 +133,7 @@ class LedgerPagination(CursorPagination):
 
 
 class LedgerView(GatewayView):
-    def get(self, request: Request) -> HttpResponse:
+    def get(self, request: Request) -> HttpResponseBase:
         paginator = LedgerPagination()
         legs = account_entries(account_id=self.api_key.account_id, limit=None)
         page = paginator.paginate_queryset(legs, request, view=self) or []
@@ -119,14 +151,20 @@ def _day(request: Request, param: str, default: datetime) -> datetime:
 
 
 class UsageView(GatewayView):
-    def get(self, request: Request) -> HttpResponse:
+    def get(self, request: Request) -> HttpResponseBase:
         today = datetime.combine(timezone.now().date(), time.min, tzinfo=UTC)
         start = _day(request, "start", today - timedelta(days=29))
         end = _day(request, "end", today) + timedelta(days=1)  # inclusive end day
         if end <= start:
             raise invalid_param("end", "'end' must not be before 'start'.")
-        totals: dict[str, Any] = usage_totals(account_id=self.api_key.account_id, start=start, end=end)
+        totals: dict[str, Any] = usage_totals(
+            account_id=self.api_key.account_id, start=start, end=end
+        )
         return JsonResponse(
-            {"account_id": self.api_key.account_id, "start": start.date().isoformat(),
-             "end": (end - timedelta(days=1)).date().isoformat(), **totals}
+            {
+                "account_id": self.api_key.account_id,
+                "start": start.date().isoformat(),
+                "end": (end - timedelta(days=1)).date().isoformat(),
+                **totals,
+            }
         )

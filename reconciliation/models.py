@@ -28,7 +28,11 @@ class ReconciliationItem(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     request_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
     account = models.ForeignKey(
-        Account, null=True, blank=True, on_delete=models.PROTECT, related_name="reconciliation_items"
+        Account,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="reconciliation_items",
     )
     key_prefix = models.CharField(max_length=16, blank=True, default="")  # never the secret
     model_alias = models.CharField(max_length=200, blank=True, default="")

@@ -17,7 +17,10 @@ EPOCH = datetime(2020, 1, 1, tzinfo=UTC)
 
 
 def make_account(
-    *, credits: Decimal = Decimal("10"), overdraft: Decimal = Decimal("0"), now: datetime | None = None
+    *,
+    credits: Decimal = Decimal("10"),
+    overdraft: Decimal = Decimal("0"),
+    now: datetime | None = None,
 ) -> Account:
     return account_create(
         name=f"customer-{next(_names)}", credits=credits, overdraft=overdraft, now=now or EPOCH

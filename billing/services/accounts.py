@@ -55,7 +55,13 @@ def account_create(
 
 
 def credit_posting(
-    *, kind: str, account_id: int, amount: Decimal, idempotency_key: str, memo: str, now: datetime,
+    *,
+    kind: str,
+    account_id: int,
+    amount: Decimal,
+    idempotency_key: str,
+    memo: str,
+    now: datetime,
     request_id: str = "",
 ) -> Posting:
     """Credit (amount > 0) or debit (amount < 0, adjustments only) a customer account."""

@@ -133,59 +133,34 @@ def hold_place(
     try:
         with transaction.atomic(durable=True):
             return _hold_place(
-                api_key=api_key, request_id=request_id, amount=amount, now=now,
-                model_alias=model_alias, ttl=ttl,
+                api_key=api_key,
+                request_id=request_id,
+                amount=amount,
+                now=now,
+                model_alias=model_alias,
+                ttl=ttl,
             )
-    except (IntegrityError, InsufficientFunds, BudgetExceeded, AccountInactive):
-        # A retry of a placed hold is refused by the checks (no room for a second hold) or by
-        # the unique request id; either way it is the same hold and gets the original back.
+    except IntegrityError:
+        # The request id is taken: a retry gets the original hold back (it fails on the
+        # unique index before any balance check, so even a now-exhausted account replays).
         existing = Hold.objects.filter(request_id=request_id).first()
         if existing is None:
             raise
         if existing.account_id != api_key.account_id or existing.amount != amount:
-            raise IdempotencyConflict(f"request {request_id} already holds a different amount") from None
+            raise IdempotencyConflict(
+                f"request {request_id} already holds a different amount"
+            ) from None
         return existing
 
 
 def _hold_place(
     *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
 ) -> Hold:
-    # The conditional UPDATE is the check: no read-then-write race, the row lock lasts one
-    # statement plus the rest of this short transaction.
-    placed = Account.objects.filter(
-        pk=api_key.account_id,
-        kind=Account.Kind.CUSTOMER,
-        status=Account.Status.ACTIVE,
-        balance__gte=F("held") + money_value(amount) - F("overdraft"),
-    ).update(held=F("held") + money_value(amount))
-    if not placed:
-        status = Account.objects.filter(pk=api_key.account_id).values_list("status", flat=True).first()
-        if status is None:
-            raise AccountNotFound(f"no account {api_key.account_id}")
-        if status != Account.Status.ACTIVE:
-            raise AccountInactive(account_id=api_key.account_id, status=status)
-        raise InsufficientFunds(account_id=api_key.account_id, amount=amount)
-
     budgeted = api_key.budget_limit is not None and bool(api_key.budget_period)
-    if budgeted:
-        start = budget_period_start(period=api_key.budget_period, now=now)
-        fits_current = Q(budget_period_start=start) & Q(
-            budget_limit__gte=F("budget_spent") + F("budget_held") + money_value(amount)
-        )
-        fits_new_period = ~Q(budget_period_start=start) & Q(
-            budget_limit__gte=F("budget_held") + money_value(amount)
-        )
-        within_budget = ApiKey.objects.filter(pk=api_key.pk).filter(
-            Q(budget_limit__isnull=True) | fits_current | fits_new_period
-        ).update(
-            budget_spent=_budget_roll(start=start),
-            budget_period_start=start,
-            budget_held=F("budget_held") + money_value(amount),
-        )
-        if not within_budget:
-            raise BudgetExceeded(api_key_id=api_key.pk, amount=amount)
-
-    return Hold.objects.create(
+    # The hold row goes in first: a replay fails on the unique request id before touching any
+    # balance, and the account row is locked only from its UPDATE to COMMIT (the hot row in
+    # a busy account is the throughput limit).
+    hold = Hold.objects.create(
         request_id=request_id,
         account_id=api_key.account_id,
         api_key=api_key,
@@ -195,6 +170,43 @@ def _hold_place(
         created_at=now,
         expires_at=now + timedelta(seconds=ttl),
     )
+    # The conditional UPDATE is the check: no read-then-write race.
+    placed = Account.objects.filter(
+        pk=api_key.account_id,
+        kind=Account.Kind.CUSTOMER,
+        status=Account.Status.ACTIVE,
+        balance__gte=F("held") + money_value(amount) - F("overdraft"),
+    ).update(held=F("held") + money_value(amount))
+    if not placed:
+        status = (
+            Account.objects.filter(pk=api_key.account_id).values_list("status", flat=True).first()
+        )
+        if status is None:
+            raise AccountNotFound(f"no account {api_key.account_id}")
+        if status != Account.Status.ACTIVE:
+            raise AccountInactive(account_id=api_key.account_id, status=status)
+        raise InsufficientFunds(account_id=api_key.account_id, amount=amount)
+
+    if budgeted:
+        start = budget_period_start(period=api_key.budget_period, now=now)
+        fits_current = Q(budget_period_start=start) & Q(
+            budget_limit__gte=F("budget_spent") + F("budget_held") + money_value(amount)
+        )
+        fits_new_period = ~Q(budget_period_start=start) & Q(
+            budget_limit__gte=F("budget_held") + money_value(amount)
+        )
+        within_budget = (
+            ApiKey.objects.filter(pk=api_key.pk)
+            .filter(Q(budget_limit__isnull=True) | fits_current | fits_new_period)
+            .update(
+                budget_spent=_budget_roll(start=start),
+                budget_period_start=start,
+                budget_held=F("budget_held") + money_value(amount),
+            )
+        )
+        if not within_budget:
+            raise BudgetExceeded(api_key_id=api_key.pk, amount=amount)
+    return hold
 
 
 def _hold_lock(request_id: str) -> Hold:
@@ -222,7 +234,12 @@ hold_budget_release = _budget_release
 
 
 def _usage_record_write(
-    *, hold: Hold, usage: Usage | None, cost: Decimal, status: str, details: RequestDetails | None,
+    *,
+    hold: Hold,
+    usage: Usage | None,
+    cost: Decimal,
+    status: str,
+    details: RequestDetails | None,
     now: datetime,
 ) -> None:
     if details is None:
@@ -301,31 +318,49 @@ def hold_settle(
         was_active = hold.state == Hold.State.ACTIVE
         is_late = not was_active or now >= hold.expires_at
         release = hold.amount if was_active else ZERO
-        txn = None
-        if cost > 0:
-            posting = usage_posting(hold=hold, cost=cost, now=now, is_late=is_late)
-            txn = ledger_post(
-                posting=posting, now=now, held_release={hold.account_id: release}
-            )
-        elif release:
-            Account.objects.filter(pk=hold.account_id).update(held=F("held") - money_value(release))
-        _budget_release(hold=hold, release=release, spent=cost, now=now)
-
         if was_active:
             hold.state = Hold.State.SETTLED
             hold.resolved_at = now
         hold.settled_amount = cost
         hold.is_overrun = cost > hold.amount
         hold.is_late = is_late
-        hold.transaction = txn
-        hold.save(
-            update_fields=["state", "resolved_at", "settled_amount", "is_overrun", "is_late",
-                           "transaction"]
-        )
         _usage_record_write(
-            hold=hold, usage=usage, cost=cost, status=UsageRecord.Status.SETTLED, details=details,
+            hold=hold,
+            usage=usage,
+            cost=cost,
+            status=UsageRecord.Status.SETTLED,
+            details=details,
             now=now,
         )
+
+        def record(posted: LedgerTransaction | None) -> None:
+            hold.transaction = posted
+            hold.save(
+                update_fields=[
+                    "state",
+                    "resolved_at",
+                    "settled_amount",
+                    "is_overrun",
+                    "is_late",
+                    "transaction",
+                ]
+            )
+
+        # Per-request rows are written first; the shared account row is locked last, from
+        # its UPDATE to COMMIT only.
+        txn = None
+        if cost > 0:
+            posting = usage_posting(hold=hold, cost=cost, now=now, is_late=is_late)
+            txn = ledger_post(
+                posting=posting, now=now, held_release={hold.account_id: release}, on_posted=record
+            )
+        else:
+            record(None)
+            if release:
+                Account.objects.filter(pk=hold.account_id).update(
+                    held=F("held") - money_value(release)
+                )
+        _budget_release(hold=hold, release=release, spent=cost, now=now)
     return SettleResult(hold=hold, cost=cost, transaction_id=txn.pk if txn else None)
 
 
@@ -346,9 +381,7 @@ def _settle_replay(*, hold: Hold, cost: Decimal) -> SettleResult:
     raise HoldAlreadyResolved(request_id=hold.request_id, state="posted by finance")
 
 
-def hold_release(
-    *, request_id: str, now: datetime, details: RequestDetails | None = None
-) -> Hold:
+def hold_release(*, request_id: str, now: datetime, details: RequestDetails | None = None) -> Hold:
     """Give the whole hold back (the upstream failed before producing anything)."""
     with transaction.atomic(durable=True):
         hold = _hold_lock(request_id)
@@ -362,7 +395,11 @@ def hold_release(
         hold.resolved_at = now
         hold.save(update_fields=["state", "resolved_at"])
         _usage_record_write(
-            hold=hold, usage=None, cost=ZERO, status=UsageRecord.Status.RELEASED, details=details,
+            hold=hold,
+            usage=None,
+            cost=ZERO,
+            status=UsageRecord.Status.RELEASED,
+            details=details,
             now=now,
         )
     return hold

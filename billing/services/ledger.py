@@ -85,11 +85,13 @@ def ledger_post(
     now: datetime,
     posted_by: AbstractBaseUser | None = None,
     held_release: Mapping[int, Decimal] | None = None,
+    on_posted: Callable[[LedgerTransaction], None] | None = None,
 ) -> LedgerTransaction:
     """Write one balanced transaction and move the cached balances it justifies.
 
     Must run inside the caller's transaction. `held_release` lowers `held` on the same account
-    rows in the same statement (a settle releases its hold while it posts).
+    rows in the same statement (a settle releases its hold while it posts). `on_posted(txn)`
+    runs after the transaction and its legs are written and before any balance row is locked.
     Raises IntegrityError if the idempotency key exists: callers go through `ledger_post_once`.
     """
     assert connection.in_atomic_block, "ledger_post must run inside a transaction"
@@ -102,7 +104,7 @@ def ledger_post(
         content_hash=posting.content_hash,
         request_id=posting.request_id,
         memo=posting.memo,
-        posted_by=posted_by,
+        posted_by_id=posted_by.pk if posted_by is not None else None,
         occurred_at=posting.occurred_at,
         posted_at=now,
         reverses_id=posting.reverses_id,
@@ -110,6 +112,15 @@ def ledger_post(
         is_overrun=posting.is_overrun,
         is_late=posting.is_late,
     )
+    LedgerLeg.objects.bulk_create(
+        [
+            LedgerLeg(transaction=txn, account_id=leg.account_id, amount=leg.amount)
+            for leg in posting.legs
+        ]
+    )
+    if on_posted is not None:
+        on_posted(txn)
+    # Balance rows last: they are the contended locks, held from here to COMMIT.
     deltas: dict[int, Decimal] = defaultdict(lambda: ZERO)
     for leg in posting.legs:
         deltas[leg.account_id] += leg.amount
@@ -125,9 +136,6 @@ def ledger_post(
             changes["held"] = F("held") - money_value(release[account_id])
         if changes:
             Account.objects.filter(pk=account_id).update(**changes)
-    LedgerLeg.objects.bulk_create(
-        [LedgerLeg(transaction=txn, account_id=leg.account_id, amount=leg.amount) for leg in posting.legs]
-    )
     return txn
 
 
@@ -146,7 +154,9 @@ def ledger_replay(*, posting: Posting) -> LedgerTransaction | None:
 T = TypeVar("T")
 
 
-def once_by_key(*, posting: Posting, write: Callable[[], T], replay: Callable[[LedgerTransaction], T]) -> T:
+def once_by_key(
+    *, posting: Posting, write: Callable[[], T], replay: Callable[[LedgerTransaction], T]
+) -> T:
     """Run `write` in a durable transaction; if the key was taken, return `replay(original)`."""
     try:
         with transaction.atomic(durable=True):
@@ -194,7 +204,7 @@ def transaction_reverse(
 
 def account_ensure_system() -> None:
     """Create the system accounts if missing (runs after every migrate and test flush)."""
-    names = {
+    names: dict[str, str] = {
         Account.Kind.REVENUE: "Revenue (usage)",
         Account.Kind.PROMOTIONS: "Promotions (grants)",
         Account.Kind.WRITE_OFFS: "Write-offs",

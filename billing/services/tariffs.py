@@ -29,8 +29,13 @@ def tariff_set(
         raise InvalidAmount("a model alias is required")
     if purpose not in ApiKey.Purpose.values:
         raise InvalidAmount(f"unknown purpose {purpose!r}")
-    prices = [input_per_mtok, output_per_mtok, cached_input_per_mtok, cache_write_per_mtok,
-              reasoning_per_mtok]
+    prices = [
+        input_per_mtok,
+        output_per_mtok,
+        cached_input_per_mtok,
+        cache_write_per_mtok,
+        reasoning_per_mtok,
+    ]
     if any(price is not None and price < 0 for price in prices):
         raise InvalidAmount("prices cannot be negative")
     if valid_until is not None and valid_until <= valid_from:

@@ -89,7 +89,9 @@ class AnthropicStreamState(StreamState):
             "delta": {"stop_reason": "end_turn", "stop_sequence": None},
         }
         delta = {**delta, "usage": anthropic_usage_json(usage, money_str(cost))}
-        return sse_event(delta, "message_delta") + sse_event({"type": "message_stop"}, "message_stop")
+        return sse_event(delta, "message_delta") + sse_event(
+            {"type": "message_stop"}, "message_stop"
+        )
 
 
 class AnthropicMessages(Adapter):
@@ -109,13 +111,23 @@ class AnthropicMessages(Adapter):
         if system is not None and not isinstance(system, str | list):
             raise invalid_param("system", "'system' must be a string or an array of blocks.")
         return ParsedRequest(
-            body=body, model=model, messages=messages, stream=stream, include_usage=True,
-            max_output_tokens=max_tokens, max_tokens_param="max_tokens", system=system,
+            body=body,
+            model=model,
+            messages=messages,
+            stream=stream,
+            include_usage=True,
+            max_output_tokens=max_tokens,
+            max_tokens_param="max_tokens",
+            system=system,
         )
 
     @classmethod
     def upstream_request(
-        cls, parsed: ParsedRequest, target: UpstreamTarget, *, max_output_tokens: int,
+        cls,
+        parsed: ParsedRequest,
+        target: UpstreamTarget,
+        *,
+        max_output_tokens: int,
         anthropic_version: str | None,
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         body = dict(parsed.body)
@@ -151,4 +163,6 @@ class AnthropicMessages(Adapter):
 
     @classmethod
     def stream_error(cls, message: str) -> bytes:
-        return sse_event({"type": "error", "error": {"type": "api_error", "message": message}}, "error")
+        return sse_event(
+            {"type": "error", "error": {"type": "api_error", "message": message}}, "error"
+        )

@@ -115,7 +115,11 @@ class Adapter:
 
     @classmethod
     def upstream_request(
-        cls, parsed: ParsedRequest, target: UpstreamTarget, *, max_output_tokens: int,
+        cls,
+        parsed: ParsedRequest,
+        target: UpstreamTarget,
+        *,
+        max_output_tokens: int,
         anthropic_version: str | None,
     ) -> tuple[str, dict[str, str], dict[str, Any]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -129,7 +133,9 @@ class Adapter:
         raise NotImplementedError
 
     @classmethod
-    def with_cost(cls, body: dict[str, Any], *, usage: Usage, cost: str) -> dict[str, Any]:  # pragma: no cover
+    def with_cost(
+        cls, body: dict[str, Any], *, usage: Usage, cost: str
+    ) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
     @classmethod

@@ -53,7 +53,12 @@ class UpstreamCall:
 
     @classmethod
     async def open(
-        cls, *, url: str, headers: dict[str, str], body: dict[str, Any], timeout: aiohttp.ClientTimeout
+        cls,
+        *,
+        url: str,
+        headers: dict[str, str],
+        body: dict[str, Any],
+        timeout: aiohttp.ClientTimeout,
     ) -> UpstreamCall:
         try:
             response = await upstream_session().post(
@@ -62,14 +67,18 @@ class UpstreamCall:
         except TimeoutError as exc:
             raise UpstreamFailure("timeout", "the upstream did not answer in time") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamFailure("connection", f"cannot reach the upstream ({type(exc).__name__})") from exc
+            raise UpstreamFailure(
+                "connection", f"cannot reach the upstream ({type(exc).__name__})"
+            ) from exc
         if response.status >= 400:
             try:
                 payload: Any = await response.json(content_type=None)
             except (aiohttp.ClientError, ValueError, TimeoutError):
                 payload = None
             response.release()
-            raise UpstreamFailure("status", f"the upstream answered {response.status}", response.status, payload)
+            raise UpstreamFailure(
+                "status", f"the upstream answered {response.status}", response.status, payload
+            )
         return cls(response)
 
     async def read_json(self) -> dict[str, Any]:
@@ -78,7 +87,9 @@ class UpstreamCall:
         except TimeoutError as exc:
             raise UpstreamFailure("timeout", "the upstream stopped answering") from exc
         except (aiohttp.ClientError, ValueError) as exc:
-            raise UpstreamFailure("protocol", f"unreadable upstream response ({type(exc).__name__})") from exc
+            raise UpstreamFailure(
+                "protocol", f"unreadable upstream response ({type(exc).__name__})"
+            ) from exc
         finally:
             self.response.release()
         if not isinstance(payload, dict):
@@ -96,7 +107,9 @@ class UpstreamCall:
         except TimeoutError as exc:
             raise UpstreamFailure("timeout", "the upstream stream stalled") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamFailure("connection", f"the upstream stream broke ({type(exc).__name__})") from exc
+            raise UpstreamFailure(
+                "connection", f"the upstream stream broke ({type(exc).__name__})"
+            ) from exc
 
     async def _read_events(self) -> AsyncIterator[bytes]:
         lines: list[bytes] = []

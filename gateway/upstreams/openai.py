@@ -113,13 +113,23 @@ class OpenAIChat(Adapter):
         max_tokens = require_int(body, param, minimum=1, maximum=ABSURD_MAX_TOKENS)
         n = require_int(body, "n", minimum=1, maximum=128) or 1
         return ParsedRequest(
-            body=body, model=model, messages=messages, stream=stream, include_usage=include_usage,
-            max_output_tokens=max_tokens, max_tokens_param=param, n=n,
+            body=body,
+            model=model,
+            messages=messages,
+            stream=stream,
+            include_usage=include_usage,
+            max_output_tokens=max_tokens,
+            max_tokens_param=param,
+            n=n,
         )
 
     @classmethod
     def upstream_request(
-        cls, parsed: ParsedRequest, target: UpstreamTarget, *, max_output_tokens: int,
+        cls,
+        parsed: ParsedRequest,
+        target: UpstreamTarget,
+        *,
+        max_output_tokens: int,
         anthropic_version: str | None,
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         body = dict(parsed.body)
@@ -157,5 +167,13 @@ class OpenAIChat(Adapter):
 
     @classmethod
     def stream_error(cls, message: str) -> bytes:
-        return sse_event({"error": {"message": message, "type": "server_error", "param": None,
-                                    "code": "upstream_error"}})
+        return sse_event(
+            {
+                "error": {
+                    "message": message,
+                    "type": "server_error",
+                    "param": None,
+                    "code": "upstream_error",
+                }
+            }
+        )

@@ -80,10 +80,23 @@ def live_gateway(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterat
         "LOG_LEVEL": "INFO",
     }
     with log_path.open("wb") as log:
-        process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "info"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "info",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -119,14 +132,19 @@ class World:
         return self.issued.secret
 
     def openai(self, key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.gateway.url}/v1", api_key=key or self.key, max_retries=0)
+        return openai.OpenAI(
+            base_url=f"{self.gateway.url}/v1", api_key=key or self.key, max_retries=0
+        )
 
     def anthropic(self, key: str | None = None) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.gateway.url, api_key=key or self.key, max_retries=0)
+        return anthropic.Anthropic(
+            base_url=self.gateway.url, api_key=key or self.key, max_retries=0
+        )
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.gateway.url, timeout=30,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        return httpx.Client(
+            base_url=self.gateway.url, timeout=30, headers={"Authorization": f"Bearer {self.key}"}
+        )
 
 
 def priced_models(mock: MockUpstreamThread, *, max_output_tokens: int = 4096) -> tuple[str, str]:
@@ -138,9 +156,13 @@ def priced_models(mock: MockUpstreamThread, *, max_output_tokens: int = 4096) ->
     for alias, upstream in zip(aliases, ("mock-openai", "mock-anthropic"), strict=True):
         model_route_set(alias=alias, upstream_name=upstream, max_output_tokens=max_output_tokens)
         tariff_set(
-            model_alias=alias, input_per_mtok=INPUT_PER_MTOK, output_per_mtok=OUTPUT_PER_MTOK,
-            cached_input_per_mtok=CACHED_INPUT_PER_MTOK, cache_write_per_mtok=CACHE_WRITE_PER_MTOK,
-            reasoning_per_mtok=REASONING_PER_MTOK, valid_from=EPOCH,
+            model_alias=alias,
+            input_per_mtok=INPUT_PER_MTOK,
+            output_per_mtok=OUTPUT_PER_MTOK,
+            cached_input_per_mtok=CACHED_INPUT_PER_MTOK,
+            cache_write_per_mtok=CACHE_WRITE_PER_MTOK,
+            reasoning_per_mtok=REASONING_PER_MTOK,
+            valid_from=EPOCH,
         )
     return aliases
 
@@ -150,6 +172,9 @@ def world(live_gateway, mock_upstream, transactional_db) -> World:  # type: igno
     openai_model, anthropic_model = priced_models(mock_upstream)
     account = make_account(credits=Decimal("10"), now=timezone.now())
     return World(
-        gateway=live_gateway, account=account, issued=make_key(account=account, now=timezone.now()),
-        openai_model=openai_model, anthropic_model=anthropic_model,
+        gateway=live_gateway,
+        account=account,
+        issued=make_key(account=account, now=timezone.now()),
+        openai_model=openai_model,
+        anthropic_model=anthropic_model,
     )

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from django.utils import timezone
 
-from billing.models import Hold, LedgerTransaction, LanguageModel
+from billing.models import Hold, LanguageModel, LedgerTransaction
 from billing.services.keys import api_key_revoke
 from billing.services.tariffs import tariff_set
 from gateway.services import model_route_set
@@ -29,30 +29,69 @@ CASES = [
     # id, body builder, status, code, param
     ("malformed_json", lambda w: b"{not json", 400, "invalid_json", None),
     ("body_not_object", lambda w: b"[1, 2]", 400, None, None),
-    ("missing_model", lambda w: {"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value", "model"),
+    (
+        "missing_model",
+        lambda w: {"messages": [{"role": "user", "content": "hi"}]},
+        400,
+        "invalid_value",
+        "model",
+    ),
     ("model_wrong_type", lambda w: _chat(w, model=42), 400, "invalid_value", "model"),
     ("missing_messages", lambda w: {"model": w.openai_model}, 400, "invalid_value", "messages"),
     ("messages_wrong_type", lambda w: _chat(w, messages="hi"), 400, "invalid_value", "messages"),
-    ("message_without_role", lambda w: _chat(w, messages=[{"content": "hi"}]), 400, "invalid_value", "messages[0]"),
-    ("content_wrong_type", lambda w: _chat(w, messages=[{"role": "user", "content": 5}]), 400, "invalid_value", "messages[0].content"),
+    (
+        "message_without_role",
+        lambda w: _chat(w, messages=[{"content": "hi"}]),
+        400,
+        "invalid_value",
+        "messages[0]",
+    ),
+    (
+        "content_wrong_type",
+        lambda w: _chat(w, messages=[{"role": "user", "content": 5}]),
+        400,
+        "invalid_value",
+        "messages[0].content",
+    ),
     ("stream_wrong_type", lambda w: _chat(w, stream="yes"), 400, "invalid_value", "stream"),
     ("max_tokens_zero", lambda w: _chat(w, max_tokens=0), 400, "invalid_value", "max_tokens"),
-    ("max_tokens_negative", lambda w: _chat(w, max_completion_tokens=-5), 400, "invalid_value", "max_completion_tokens"),
-    ("max_tokens_absurd", lambda w: _chat(w, max_tokens=10**12), 400, "invalid_value", "max_tokens"),
-    ("max_tokens_above_route", lambda w: _chat(w, max_tokens=5000), 400, "invalid_value", "max_tokens"),
+    (
+        "max_tokens_negative",
+        lambda w: _chat(w, max_completion_tokens=-5),
+        400,
+        "invalid_value",
+        "max_completion_tokens",
+    ),
+    (
+        "max_tokens_absurd",
+        lambda w: _chat(w, max_tokens=10**12),
+        400,
+        "invalid_value",
+        "max_tokens",
+    ),
+    (
+        "max_tokens_above_route",
+        lambda w: _chat(w, max_tokens=5000),
+        400,
+        "invalid_value",
+        "max_tokens",
+    ),
     ("max_tokens_not_int", lambda w: _chat(w, max_tokens="10"), 400, "invalid_value", "max_tokens"),
     ("n_zero", lambda w: _chat(w, n=0), 400, "invalid_value", "n"),
     ("unknown_model", lambda w: _chat(w, model="no-such-model"), 404, "model_not_found", "model"),
 ]
 
 
-@pytest.mark.parametrize(("build", "status", "code", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("build", "status", "code", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_bad_chat_request_is_refused_without_a_trace(world, build, status, code, param):
     body = build(world)
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     with world.http() as client:
-        response = client.post("/v1/chat/completions", content=content,
-                               headers={"Content-Type": "application/json"})
+        response = client.post(
+            "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"}
+        )
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == OPENAI_FIELDS
@@ -67,15 +106,24 @@ ANTHROPIC_CASES = [
     ("missing_max_tokens", {"messages": [{"role": "user", "content": "hi"}]}, 400),
     ("max_tokens_zero", {"max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}, 400),
     ("empty_messages", {"max_tokens": 5, "messages": []}, 400),
-    ("system_wrong_type", {"max_tokens": 5, "system": 3, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    (
+        "system_wrong_type",
+        {"max_tokens": 5, "system": 3, "messages": [{"role": "user", "content": "hi"}]},
+        400,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "status"), [c[1:] for c in ANTHROPIC_CASES], ids=[c[0] for c in ANTHROPIC_CASES])
+@pytest.mark.parametrize(
+    ("body", "status"), [c[1:] for c in ANTHROPIC_CASES], ids=[c[0] for c in ANTHROPIC_CASES]
+)
 def test_bad_messages_request_gets_anthropic_error_shape(world, body, status):
     with world.http() as client:
-        response = client.post("/v1/messages", json={"model": world.anthropic_model, **body},
-                               headers={"x-api-key": world.key, "Authorization": ""})
+        response = client.post(
+            "/v1/messages",
+            json={"model": world.anthropic_model, **body},
+            headers={"x-api-key": world.key, "Authorization": ""},
+        )
     assert response.status_code == status
     payload = response.json()
     assert payload["type"] == "error"
@@ -94,8 +142,12 @@ def test_unpriced_model_is_refused_with_400(world, mock_upstream):
 
 def test_future_tariff_does_not_price_a_model_today(world):
     model_route_set(alias="future-model", upstream_name="mock-openai")
-    tariff_set(model_alias="future-model", input_per_mtok=Decimal(1), output_per_mtok=Decimal(1),
-               valid_from=timezone.now() + timedelta(days=1))
+    tariff_set(
+        model_alias="future-model",
+        input_per_mtok=Decimal(1),
+        output_per_mtok=Decimal(1),
+        valid_from=timezone.now() + timedelta(days=1),
+    )
     with world.http() as client:
         response = client.post("/v1/chat/completions", json=_chat(world, model="future-model"))
     assert response.status_code == 400
@@ -104,8 +156,11 @@ def test_future_tariff_does_not_price_a_model_today(world):
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 def test_oversized_body_gets_413_in_provider_shape(world, path):
-    big = {"model": world.openai_model, "max_tokens": 5,
-           "messages": [{"role": "user", "content": "x" * (10 * 1024 * 1024 + 10)}]}
+    big = {
+        "model": world.openai_model,
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x" * (10 * 1024 * 1024 + 10)}],
+    }
     with world.http() as client:
         response = client.post(path, json=big)
     assert response.status_code == 413
@@ -132,7 +187,11 @@ def _key_cases(world):  # type: ignore[no-untyped-def]
 def test_bad_key_gets_401(world, case, path):
     secret = _key_cases(world)[case]
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    body = {"model": world.openai_model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": world.openai_model,
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     response = httpx.post(world.gateway.url + path, json=body, headers=headers, timeout=10)
     assert response.status_code == 401
     payload = response.json()
@@ -162,10 +221,18 @@ def test_insufficient_credit_gets_402_and_leaves_no_hold(world):
 
 
 def test_exhausted_key_budget_gets_403(world):
-    tight = make_key(account=world.account, now=timezone.now(), budget_limit=Decimal("0.00001"),
-                     budget_period="day")
-    response = httpx.post(world.gateway.url + "/v1/chat/completions", json=_chat(world),
-                          headers={"Authorization": f"Bearer {tight.secret}"}, timeout=10)
+    tight = make_key(
+        account=world.account,
+        now=timezone.now(),
+        budget_limit=Decimal("0.00001"),
+        budget_period="day",
+    )
+    response = httpx.post(
+        world.gateway.url + "/v1/chat/completions",
+        json=_chat(world),
+        headers={"Authorization": f"Bearer {tight.secret}"},
+        timeout=10,
+    )
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "budget_exceeded"
     _assert_no_trace(world)

@@ -124,7 +124,9 @@ def test_token_classes_are_priced_separately(world):
     )
     prompt = mock_prompt_tokens(messages)
     # 10 visible tokens plus 4 reasoning tokens, all inside completion_tokens.
-    usage = Usage(input_tokens=prompt - 5, cached_input_tokens=5, output_tokens=14, reasoning_tokens=4)
+    usage = Usage(
+        input_tokens=prompt - 5, cached_input_tokens=5, output_tokens=14, reasoning_tokens=4
+    )
     assert charged(raw.headers["x-request-id"]) == expected_cost(usage)
     record = usage_record(raw.headers["x-request-id"])
     assert (record.cached_input_tokens, record.reasoning_tokens) == (5, 4)
@@ -138,8 +140,12 @@ def test_anthropic_cache_tokens_are_reported_beside_input(world):
         request_id = stream.response.headers["x-request-id"]
         stream.until_done()
     # Anthropic's input_tokens excludes cache reads and writes; the three add up to the prompt.
-    usage = Usage(input_tokens=mock_prompt_tokens(messages) - 28, cached_input_tokens=20,
-                  cache_write_tokens=8, output_tokens=3)
+    usage = Usage(
+        input_tokens=mock_prompt_tokens(messages) - 28,
+        cached_input_tokens=20,
+        cache_write_tokens=8,
+        output_tokens=3,
+    )
     assert charged(request_id) == expected_cost(usage)
 
 
@@ -148,16 +154,25 @@ def test_anthropic_cache_tokens_are_reported_beside_input(world):
 
 @pytest.mark.parametrize(
     ("directive", "status"),
-    [("[mock:fail=before_first_chunk]", 502), ("[mock:status=503]", 502),
-     ("[mock:status=429]", 429), ("[mock:status=400]", 400)],
+    [
+        ("[mock:fail=before_first_chunk]", 502),
+        ("[mock:status=503]", 502),
+        ("[mock:status=429]", 429),
+        ("[mock:status=400]", 400),
+    ],
     ids=["fail_before_first_chunk", "upstream_503", "upstream_429", "upstream_400"],
 )
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non_stream"])
 def test_openai_upstream_failure_before_first_byte_releases_hold(world, directive, status, stream):
     with world.http() as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": world.openai_model, "stream": stream, "messages": user(f"x {directive}"),
-        })
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "stream": stream,
+                "messages": user(f"x {directive}"),
+            },
+        )
     assert response.status_code == status
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     hold = Hold.objects.get(request_id=response.headers["x-request-id"])
@@ -169,16 +184,27 @@ def test_openai_upstream_failure_before_first_byte_releases_hold(world, directiv
 
 @pytest.mark.parametrize(
     ("directive", "status"),
-    [("[mock:fail=before_first_chunk]", 502), ("[mock:status=500]", 502), ("[mock:status=429]", 429)],
+    [
+        ("[mock:fail=before_first_chunk]", 502),
+        ("[mock:status=500]", 502),
+        ("[mock:status=429]", 429),
+    ],
     ids=["fail_before_first_chunk", "upstream_500", "upstream_429"],
 )
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non_stream"])
-def test_anthropic_upstream_failure_before_first_byte_releases_hold(world, directive, status, stream):
+def test_anthropic_upstream_failure_before_first_byte_releases_hold(
+    world, directive, status, stream
+):
     with world.http() as client:
-        response = client.post("/v1/messages", json={
-            "model": world.anthropic_model, "max_tokens": 50, "stream": stream,
-            "messages": user(f"x {directive}"),
-        })
+        response = client.post(
+            "/v1/messages",
+            json={
+                "model": world.anthropic_model,
+                "max_tokens": 50,
+                "stream": stream,
+                "messages": user(f"x {directive}"),
+            },
+        )
     assert response.status_code == status
     body = response.json()
     assert body["type"] == "error" and "message" in body["error"]
@@ -210,9 +236,18 @@ def _sse_lines(response: httpx.Response) -> list[str]:
 
 def test_openai_mid_stream_failure_bills_generated_part_and_sends_error_event(world):
     messages = user("Go [mock:tokens=10] [mock:delay_ms=5] [mock:fail=mid_stream]")
-    with world.http() as client, client.stream("POST", "/v1/chat/completions", json={
-        "model": world.openai_model, "stream": True, "messages": messages,
-    }) as response:
+    with (
+        world.http() as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "stream": True,
+                "messages": messages,
+            },
+        ) as response,
+    ):
         request_id = response.headers["x-request-id"]
         lines = _sse_lines(response)
     payloads = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
@@ -224,8 +259,9 @@ def test_openai_mid_stream_failure_bills_generated_part_and_sends_error_event(wo
     record = usage_record(request_id)
     assert record.estimated is True
     assert record.output_tokens == text_tokens(generated) > 0
-    cost = expected_cost(Usage(input_tokens=mock_prompt_tokens(messages),
-                               output_tokens=text_tokens(generated)))
+    cost = expected_cost(
+        Usage(input_tokens=mock_prompt_tokens(messages), output_tokens=text_tokens(generated))
+    )
     assert charged(request_id) == cost > 0
     assert Hold.objects.get(request_id=request_id).state == Hold.State.SETTLED
     assert_clean(world.account)
@@ -233,22 +269,35 @@ def test_openai_mid_stream_failure_bills_generated_part_and_sends_error_event(wo
 
 def test_anthropic_mid_stream_failure_bills_reported_input_and_generated_output(world):
     messages = user("Go [mock:tokens=10] [mock:delay_ms=5] [mock:fail=mid_stream]")
-    with world.http() as client, client.stream("POST", "/v1/messages", json={
-        "model": world.anthropic_model, "max_tokens": 100, "stream": True, "messages": messages,
-    }) as response:
+    with (
+        world.http() as client,
+        client.stream(
+            "POST",
+            "/v1/messages",
+            json={
+                "model": world.anthropic_model,
+                "max_tokens": 100,
+                "stream": True,
+                "messages": messages,
+            },
+        ) as response,
+    ):
         request_id = response.headers["x-request-id"]
         lines = _sse_lines(response)
     assert "event: error" in lines
     assert "event: message_stop" not in lines
     generated = "".join(
         json.loads(line[6:])["delta"]["text"]
-        for line in lines if line.startswith("data: ") and '"text_delta"' in line
+        for line in lines
+        if line.startswith("data: ") and '"text_delta"' in line
     )
     record = usage_record(request_id)
     assert record.estimated is True
     assert record.input_tokens == mock_prompt_tokens(messages)  # reported by message_start
     assert charged(request_id) == expected_cost(
-        Usage(input_tokens=mock_prompt_tokens(messages), output_tokens=max(1, text_tokens(generated)))
+        Usage(
+            input_tokens=mock_prompt_tokens(messages), output_tokens=max(1, text_tokens(generated))
+        )
     )
     assert_clean(world.account)
 
@@ -257,11 +306,20 @@ def test_anthropic_mid_stream_failure_bills_reported_input_and_generated_output(
 def test_client_disconnect_bills_what_was_generated(world, endpoint):
     messages = user("Slow [mock:tokens=40] [mock:delay_ms=50]")
     if endpoint == "openai":
-        path, body = "/v1/chat/completions", {"model": world.openai_model, "stream": True,
-                                              "messages": messages}
+        path, body = (
+            "/v1/chat/completions",
+            {"model": world.openai_model, "stream": True, "messages": messages},
+        )
     else:
-        path, body = "/v1/messages", {"model": world.anthropic_model, "max_tokens": 100,
-                                      "stream": True, "messages": messages}
+        path, body = (
+            "/v1/messages",
+            {
+                "model": world.anthropic_model,
+                "max_tokens": 100,
+                "stream": True,
+                "messages": messages,
+            },
+        )
     with world.http() as client, client.stream("POST", path, json=body) as response:
         request_id = response.headers["x-request-id"]
         seen = 0
@@ -282,10 +340,15 @@ def test_client_disconnect_bills_what_was_generated(world, endpoint):
 def test_missing_upstream_usage_is_estimated_and_marked(world, stream):
     messages = user("Quiet [mock:tokens=8] [mock:no_usage]")
     with world.http() as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": world.openai_model, "stream": stream, "messages": messages,
-            "stream_options": {"include_usage": True} if stream else None,
-        })
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "stream": stream,
+                "messages": messages,
+                "stream_options": {"include_usage": True} if stream else None,
+            },
+        )
     assert response.status_code == 200
     request_id = response.headers["x-request-id"]
     record = usage_record(request_id)
@@ -315,15 +378,20 @@ def test_usage_record_keeps_timings_and_outcome(world):
     assert record.outcome == "completed" and record.stream is True
     assert record.first_byte_ms is not None and record.duration_ms is not None
     assert record.duration_ms >= record.first_byte_ms
-    assert LedgerTransaction.objects.get(request_id=record.request_id).model_alias == world.openai_model
+    assert (
+        LedgerTransaction.objects.get(request_id=record.request_id).model_alias
+        == world.openai_model
+    )
 
 
 def test_slow_stream_settles_before_the_final_bytes(world):
     """A client that has read the end of the stream already sees its balance updated."""
     start = time.monotonic()
     raw = world.openai().chat.completions.with_raw_response.create(
-        model=world.openai_model, messages=user("s [mock:tokens=5] [mock:delay_ms=20]"),
-        stream=True, stream_options={"include_usage": True},
+        model=world.openai_model,
+        messages=user("s [mock:tokens=5] [mock:delay_ms=20]"),
+        stream=True,
+        stream_options={"include_usage": True},
     )
     list(raw.parse())
     assert time.monotonic() - start >= 0.1

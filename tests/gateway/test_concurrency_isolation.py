@@ -19,8 +19,12 @@ def test_64_concurrent_streams_never_overspend(world):
     key = make_key(account=poor, now=timezone.now()).secret
     # Worst case per request ~ 1000 output tokens at the dearest output rate (reasoning,
     # $20/Mtok) = $0.02: about 10 fit at once.
-    body = {"model": world.openai_model, "stream": True, "max_tokens": 1000,
-            "messages": [{"role": "user", "content": "go [mock:tokens=20] [mock:delay_ms=10]"}]}
+    body = {
+        "model": world.openai_model,
+        "stream": True,
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "go [mock:tokens=20] [mock:delay_ms=10]"}],
+    }
 
     async def one(client: httpx.AsyncClient) -> tuple[int, str]:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -30,7 +34,9 @@ def test_64_concurrent_streams_never_overspend(world):
 
     async def all_of_them() -> list[tuple[int, str]]:
         async with httpx.AsyncClient(
-            base_url=world.gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+            base_url=world.gateway.url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
             limits=httpx.Limits(max_connections=64),
         ) as client:
             return await asyncio.gather(*(one(client) for _ in range(64)))
@@ -42,7 +48,9 @@ def test_64_concurrent_streams_never_overspend(world):
     poor.refresh_from_db()
     assert poor.balance >= -poor.overdraft
     assert poor.held == 0
-    spent = sum((charged(request_id) for status, request_id in results if status == 200), Decimal(0))
+    spent = sum(
+        (charged(request_id) for status, request_id in results if status == 200), Decimal(0)
+    )
     assert poor.balance == Decimal("0.2") - spent
     assert not Hold.objects.filter(account=poor, state=Hold.State.ACTIVE).exists()
     assert ledger_audit().clean
@@ -52,11 +60,23 @@ def test_a_key_sees_only_its_own_account(world):
     other = make_account(credits=Decimal("77"), now=timezone.now())
     other_key = make_key(account=other, now=timezone.now()).secret
     with world.http() as client:
-        client.post("/v1/chat/completions", json={
-            "model": world.openai_model, "messages": [{"role": "user", "content": "mine [mock:tokens=2]"}]})
-    with httpx.Client(base_url=world.gateway.url, headers={"Authorization": f"Bearer {other_key}"}) as client:
-        client.post("/v1/chat/completions", json={
-            "model": world.openai_model, "messages": [{"role": "user", "content": "theirs [mock:tokens=3]"}]})
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "messages": [{"role": "user", "content": "mine [mock:tokens=2]"}],
+            },
+        )
+    with httpx.Client(
+        base_url=world.gateway.url, headers={"Authorization": f"Bearer {other_key}"}
+    ) as client:
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "messages": [{"role": "user", "content": "theirs [mock:tokens=3]"}],
+            },
+        )
         other_view = {
             "balance": client.get("/v1/billing/balance").json(),
             "ledger": client.get("/v1/billing/ledger").json(),
@@ -73,7 +93,9 @@ def test_a_key_sees_only_its_own_account(world):
     mine_ids = {entry["transaction_id"] for entry in mine["ledger"]["results"]}
     theirs_ids = {entry["transaction_id"] for entry in other_view["ledger"]["results"]}
     assert mine_ids and theirs_ids and not (mine_ids & theirs_ids)
-    own_txns = set(LedgerTransaction.objects.filter(legs__account=world.account).values_list("id", flat=True))
+    own_txns = set(
+        LedgerTransaction.objects.filter(legs__account=world.account).values_list("id", flat=True)
+    )
     assert mine_ids == own_txns
     assert mine["usage"]["account_id"] == world.account.pk
     assert sum(row["requests"] for row in mine["usage"]["by_model"]) == 1
@@ -82,8 +104,13 @@ def test_a_key_sees_only_its_own_account(world):
 
 def test_balance_and_ledger_report_exact_decimal_strings(world):
     with world.http() as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": world.openai_model, "messages": [{"role": "user", "content": "x [mock:tokens=3]"}]})
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "messages": [{"role": "user", "content": "x [mock:tokens=3]"}],
+            },
+        )
         cost = Decimal(response.headers["x-request-cost"])
         balance = client.get("/v1/billing/balance").json()
         ledger = client.get("/v1/billing/ledger", params={"limit": 1}).json()
@@ -107,14 +134,31 @@ def test_models_lists_priced_routes_for_the_key(world):
 def test_prompts_completions_and_keys_never_reach_logs_or_metrics(world):
     secret_prompt = "zebra-contract-7781 [mock:tokens=4]"
     with world.http() as client:
-        client.post("/v1/chat/completions", json={
-            "model": world.openai_model, "messages": [{"role": "user", "content": secret_prompt}]})
-        client.post("/v1/messages", json={
-            "model": world.anthropic_model, "max_tokens": 5,
-            "messages": [{"role": "user", "content": secret_prompt}]})
-        client.post("/v1/chat/completions", json={
-            "model": world.openai_model, "messages": [{"role": "user", "content": secret_prompt + " [mock:fail=mid_stream]"}],
-            "stream": True})
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "messages": [{"role": "user", "content": secret_prompt}],
+            },
+        )
+        client.post(
+            "/v1/messages",
+            json={
+                "model": world.anthropic_model,
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": secret_prompt}],
+            },
+        )
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "messages": [
+                    {"role": "user", "content": secret_prompt + " [mock:fail=mid_stream]"}
+                ],
+                "stream": True,
+            },
+        )
         metrics = client.get("/metrics").text
     log = world.gateway.log_text()
     for text in (log, metrics):

@@ -18,8 +18,15 @@ class Command(BillingCommand):
 
     def run(self, **options: Any) -> dict[str, Any]:
         route = model_route_set(
-            alias=options["alias"], upstream_name=options["upstream"],
-            upstream_model=options["upstream_model"], max_output_tokens=options["max_output_tokens"],
+            alias=options["alias"],
+            upstream_name=options["upstream"],
+            upstream_model=options["upstream_model"],
+            max_output_tokens=options["max_output_tokens"],
         )
-        return {"route_id": route.pk, "model": route.model.alias, "upstream": route.upstream.name,
-                "upstream_model": route.upstream_model, "max_output_tokens": route.max_output_tokens}
+        return {
+            "route_id": route.pk,
+            "model": route.model.alias,
+            "upstream": route.upstream.name,
+            "upstream_model": route.upstream_model,
+            "max_output_tokens": route.max_output_tokens,
+        }

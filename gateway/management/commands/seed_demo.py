@@ -37,12 +37,20 @@ class Command(BillingCommand):
             model_route_set(alias=alias, upstream_name=upstream, max_output_tokens=4096)
             if not Tariff.objects.filter(model__alias=alias).exists():
                 tariff_set(
-                    model_alias=alias, input_per_mtok=Decimal(prices[0]),
-                    output_per_mtok=Decimal(prices[1]), cached_input_per_mtok=Decimal(prices[2]),
+                    model_alias=alias,
+                    input_per_mtok=Decimal(prices[0]),
+                    output_per_mtok=Decimal(prices[1]),
+                    cached_input_per_mtok=Decimal(prices[2]),
                     valid_from=datetime(2020, 1, 1, tzinfo=UTC),
                 )
         account = Account.objects.filter(name=DEMO_ACCOUNT, kind=Account.Kind.CUSTOMER).first()
         if account is None:
-            account = account_create(name=DEMO_ACCOUNT, credits=Decimal(options["credits"]), now=now)
+            account = account_create(
+                name=DEMO_ACCOUNT, credits=Decimal(options["credits"]), now=now
+            )
         issued = api_key_issue(account_id=account.pk, name="quickstart", now=now)
-        return {"account_id": account.pk, "api_key": issued.secret, "models": ["gpt-demo", "claude-demo"]}
+        return {
+            "account_id": account.pk,
+            "api_key": issued.secret,
+            "models": ["gpt-demo", "claude-demo"],
+        }
