@@ -192,6 +192,8 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS_FS = {
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
+        # Broadcast (worker control) messages, which default to ./control.
+        "control_folder": str(VAR_DIR / "celery-control"),
     }
 CELERY_TASK_TIME_LIMIT = 300
 CELERY_TASK_SOFT_TIME_LIMIT = 240
