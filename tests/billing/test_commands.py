@@ -13,6 +13,7 @@ from decimal import Decimal
 from io import StringIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from django.core.management import call_command
@@ -50,9 +51,10 @@ def run_json(*args: str) -> dict[str, Any]:
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
     """The command as an operator runs it, against the test database."""
     db = connection.settings_dict
+    credentials = db["USER"] + (f":{quote(db['PASSWORD'])}" if db.get("PASSWORD") else "")
     env = dict(os.environ)
     env["DATABASE_URL"] = (
-        f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+        f"postgres://{credentials}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
     )
     return subprocess.run(
         [sys.executable, "manage.py", *args],
