@@ -1,0 +1,463 @@
+"""Shared plumbing for the benchmarks: the dedicated database, Django setup, live processes,
+/proc readings, tables and JSON results. Not a benchmark itself.
+
+Every benchmark uses its own PostgreSQL database (BENCH_DATABASE_URL, default
+postgres://postgres@127.0.0.1:5432/billing_bench), dropped, recreated and migrated at the start
+of a run, so numbers never depend on what an earlier run or the test suite left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+PYTHON = sys.executable
+BENCH_DATABASE_URL = os.environ.get(
+    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/billing_bench"
+)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# --- environment --------------------------------------------------------------------------
+
+
+def production_env(database_url: str = BENCH_DATABASE_URL, **extra: str) -> dict[str, str]:
+    """The environment of every process we start: production settings, quiet logs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DJANGO_DEBUG", "REDIS_URL")}
+    env.update(
+        DATABASE_URL=database_url,
+        DJANGO_SETTINGS_MODULE="config.settings",
+        LOG_LEVEL="WARNING",
+        **extra,
+    )
+    return env
+
+
+def _admin_dsn(database_url: str) -> tuple[str, str]:
+    """(DSN of the maintenance database, name of the bench database)."""
+    base, _, name = database_url.rpartition("/")
+    return f"{base}/postgres", name
+
+
+def database_reset(database_url: str = BENCH_DATABASE_URL) -> float:
+    """Drop, create and migrate the bench database; returns the seconds it took."""
+    import psycopg
+
+    started = time.perf_counter()
+    admin, name = _admin_dsn(database_url)
+    assert name.startswith("billing_bench"), "refusing to drop a database not named billing_bench*"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    subprocess.run(
+        [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=production_env(database_url),
+        check=True,
+    )
+    return time.perf_counter() - started
+
+
+def django_setup(database_url: str = BENCH_DATABASE_URL) -> None:
+    """Configure this process for the bench database (call before importing models)."""
+    os.environ.update(production_env(database_url))
+    os.environ.pop("DJANGO_DEBUG", None)
+    import django
+
+    django.setup()
+
+
+def raw_connect(database_url: str = BENCH_DATABASE_URL, *, autocommit: bool = True) -> Any:
+    import psycopg
+
+    return psycopg.connect(database_url, autocommit=autocommit)
+
+
+# --- machine ------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    pg = ""
+    try:
+        with raw_connect(_admin_dsn(BENCH_DATABASE_URL)[0]) as conn:
+            pg = conn.execute("SHOW server_version").fetchone()[0]
+    except Exception:
+        pg = "unknown"
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "postgresql": pg,
+        "kernel": platform.release(),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        # This machine is shared: a high load average means other processes competed for
+        # the two cores during the run, and the numbers are pessimistic.
+        "loadavg_1_5_15": list(os.getloadavg()),
+    }
+
+
+# --- /proc --------------------------------------------------------------------------------
+
+
+def proc_rss_bytes(pid: int) -> int:
+    """Current resident set size of a process."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
+
+
+def proc_peak_rss_bytes(pid: int) -> int:
+    """VmHWM: the highest RSS the process ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def proc_threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+class RssSampler:
+    """Samples a process's RSS in a background thread; `peak` is the highest seen."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.05) -> None:
+        self.pid = pid or os.getpid()
+        self.interval = interval
+        self.start_rss = proc_rss_bytes(self.pid)
+        self.peak = self.start_rss
+        self.max_threads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, proc_rss_bytes(self.pid))
+                self.max_threads = max(self.max_threads, proc_threads(self.pid))
+            except OSError:
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.peak = max(self.peak, proc_rss_bytes(self.pid))
+
+
+def self_maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- live processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_gateway(database_url: str = BENCH_DATABASE_URL, **extra_env: str) -> Gateway:
+    """One uvicorn worker process (uvloop, httptools, no access log) on a free port."""
+    port = free_port()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = RESULTS_DIR / f"gateway-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--backlog",
+                "4096",
+                "--timeout-keep-alive",
+                "30",
+            ],
+            cwd=ROOT,
+            env=production_env(database_url, **extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as resp:  # noqa: S310
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"gateway did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return Gateway(url=url, process=process, log_path=log_path)
+
+
+def start_mock() -> Any:
+    """The shipped mock upstream in its own process."""
+    from gateway.mock.launch import start_mock_upstream_process
+
+    return start_mock_upstream_process(port=0)
+
+
+def run_load(config: dict[str, Any]) -> dict[str, Any]:
+    """Run bench/loadgen.py in its own process with `config`; returns its JSON result."""
+    completed = subprocess.run(
+        [PYTHON, "-m", "bench.loadgen"],
+        cwd=ROOT,
+        input=json.dumps(config).encode(),
+        capture_output=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{completed.stderr.decode()[-3000:]}")
+    return json.loads(completed.stdout)
+
+
+# --- gateway fixtures ---------------------------------------------------------------------
+
+BENCH_MODEL = "bench-model"
+BENCH_ANTHROPIC_MODEL = "bench-claude"
+
+
+def gateway_seed(*, mock: Any, accounts: int, credits: str = "1000000") -> list[list[str]]:
+    """Route the bench models to the mock, price them, and create `accounts` customers with
+    one key each. Returns [[account_id, secret], ...]. Needs django_setup() first."""
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from billing.services.accounts import account_create
+    from billing.services.keys import api_key_issue
+    from billing.services.tariffs import tariff_set
+    from gateway.services import model_route_set, upstream_add
+
+    now = timezone.now()
+    upstream_add(name="mock-openai", kind="openai", base_url=mock.openai_base_url)
+    upstream_add(name="mock-anthropic", kind="anthropic", base_url=mock.anthropic_base_url)
+    for alias, upstream in (
+        (BENCH_MODEL, "mock-openai"),
+        (BENCH_ANTHROPIC_MODEL, "mock-anthropic"),
+    ):
+        model_route_set(alias=alias, upstream_name=upstream, upstream_model="mock-model")
+        tariff_set(
+            model_alias=alias,
+            input_per_mtok=Decimal("2.5"),
+            output_per_mtok=Decimal("10"),
+            valid_from=datetime(2020, 1, 1, tzinfo=UTC),
+        )
+    keys = []
+    for i in range(accounts):
+        account = account_create(name=f"bench-{i}", now=now, credits=Decimal(credits))
+        issued = api_key_issue(account_id=account.pk, now=now, name=f"bench-{i}")
+        keys.append([str(account.pk), issued.secret])
+    return keys
+
+
+def billing_check(*, expected_usage: int) -> dict[str, Any]:
+    """After a gateway run: every successful request has exactly one usage posting, no hold
+    is left active, and the ledger audit is clean."""
+    from billing.models import Hold, LedgerTransaction, UsageRecord
+    from billing.selectors import ledger_audit
+
+    usage = LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.USAGE).count()
+    report = ledger_audit()
+    active = Hold.objects.filter(state=Hold.State.ACTIVE).count()
+    records = UsageRecord.objects.count()
+    return {
+        "usage_transactions": usage,
+        "expected_usage_transactions": expected_usage,
+        "usage_records": records,
+        "active_holds": active,
+        "audit_clean": report.clean,
+        "audit_accounts_checked": report.accounts_checked,
+        "ok": usage == expected_usage and active == 0 and report.clean,
+    }
+
+
+# --- numbers and output -------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (pct in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.fmean(values) if values else 0.0
+
+
+def mb(n_bytes: float) -> float:
+    return round(n_bytes / 1024 / 1024, 1)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if n else c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    """bench/results/<name>-<utc stamp>.json and <name>-latest.json."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    payload = json.dumps(data, indent=2, default=str)
+    path = RESULTS_DIR / f"{name}-{stamp}.json"
+    path.write_text(payload)
+    (RESULTS_DIR / f"{name}-latest.json").write_text(payload)
+    print(f"\nresults: {path.relative_to(ROOT)}")
+    return path
+
+
+# --- bulk seeding in SQL ------------------------------------------------------------------
+
+UNITS_PER_USD = 10**10  # MoneyField stores units of 1e-10 USD
+
+
+def accounts_bulk_create(
+    conn: Any, *, count: int, credits_usd: int, tag: str = "bench"
+) -> list[int]:
+    """`count` customer accounts, each with a balanced opening grant (customer leg +credits,
+    promotions leg -credits) so the ledger audit stays clean, and one API key each.
+    Returns the account ids in order. Triggers stay on: the legs go in balanced pairs."""
+    units = credits_usd * UNITS_PER_USD
+    with conn.transaction():
+        conn.execute(
+            """
+            WITH new AS (
+                INSERT INTO billing_account (name, kind, currency, status, balance, held,
+                                             overdraft, created_at)
+                SELECT %(tag)s || '-' || g, 'customer', 'USD', 'active', %(units)s, 0, 0, now()
+                FROM generate_series(1, %(count)s) g
+                RETURNING id
+            ), txn AS (
+                INSERT INTO billing_ledgertransaction (kind, idempotency_key, content_hash,
+                    request_id, memo, occurred_at, posted_at, model_alias, is_overrun, is_late)
+                SELECT 'grant', %(tag)s || '-open:' || id, '', '', 'bench opening credits',
+                       now(), now(), '', false, false
+                FROM new
+                RETURNING id, idempotency_key
+            )
+            INSERT INTO billing_ledgerleg (transaction_id, account_id, amount)
+            SELECT id, split_part(idempotency_key, ':', 2)::bigint, %(units)s FROM txn
+            UNION ALL
+            SELECT id, -2, -%(units)s FROM txn
+            """,
+            {"tag": tag, "units": units, "count": count},
+        )
+        conn.execute(
+            """
+            INSERT INTO billing_apikey (account_id, name, prefix, secret_hash, purpose,
+                completion_window, status, created_at, budget_period, budget_spent, budget_held)
+            SELECT id, '', 'bk-' || id, md5(id::text) || md5('k' || id::text), 'realtime', '',
+                   'active', now(), '', 0, 0
+            FROM billing_account WHERE name LIKE %(pattern)s
+            """,
+            {"pattern": f"{tag}-%"},
+        )
+    rows = conn.execute(
+        "SELECT id FROM billing_account WHERE name LIKE %s ORDER BY id", (f"{tag}-%",)
+    ).fetchall()
+    return [r[0] for r in rows]
