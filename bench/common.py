@@ -130,7 +130,24 @@ def machine_info() -> dict[str, Any]:
         # This machine is shared: a high load average means other processes competed for
         # the two cores during the run, and the numbers are pessimistic.
         "loadavg_1_5_15": list(os.getloadavg()),
+        "git_head": _git("rev-parse", "--short", "HEAD"),
+        # Other engineers commit into the same tree: uncommitted changes to app code count.
+        "git_dirty_app_files": _git(
+            "status", "--porcelain", "--", "billing", "gateway", "reconciliation", "config"
+        ).count("\n")
+        + 1
+        if _git("status", "--porcelain", "--", "billing", "gateway", "reconciliation", "config")
+        else 0,
     }
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        return ""
 
 
 # --- /proc --------------------------------------------------------------------------------

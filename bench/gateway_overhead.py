@@ -327,7 +327,9 @@ def run_profile(
     load.stdin.write(json.dumps(config).encode())
     load.stdin.close()
     time.sleep(2)
-    for out, fmt in ((raw, "raw"), (svg, "flamegraph")):
+    # The table comes from --gil samples (only the thread holding the GIL: where the one
+    # Python core goes); the flame graph is wall-clock over all threads, waits included.
+    for out, fmt, extra in ((raw, "raw", ["--gil"]), (svg, "flamegraph", [])):
         subprocess.run(
             [
                 py_spy,
@@ -343,6 +345,7 @@ def run_profile(
                 "--output",
                 str(out),
                 "--nonblocking",
+                *extra,
             ],
             check=True,
             capture_output=True,
