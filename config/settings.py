@@ -54,11 +54,12 @@ INSTALLED_APPS = [
     "reconciliation",
 ]
 
+# Every middleware here can run synchronously, and the innermost (GatewayMiddleware) only
+# synchronously: Django then runs the whole chain in the request's one worker thread. An async
+# chain of MiddlewareMixin classes costs two thread hops per middleware per request.
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
-    "gateway.middleware.GatewayMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -66,6 +67,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "gateway.middleware.GatewayMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -100,7 +102,9 @@ if DATABASE_URL:
             "pool": {
                 "min_size": env_int("DB_POOL_MIN_SIZE", 1),
                 "max_size": env_int("DB_POOL_MAX_SIZE", 32),
-                "timeout": env_int("DB_POOL_TIMEOUT_SECONDS", 10),
+                # How long a request may queue for a connection (a burst on one hot account
+                # queues behind its row lock) before it gets a 503 that charged nothing.
+                "timeout": env_int("DB_POOL_TIMEOUT_SECONDS", 30),
                 "max_lifetime": 600,
             },
             "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 3),
@@ -136,13 +140,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns when it is missing
-STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
-}
-# Serve admin assets straight from the apps: no collectstatic step for the quickstart.
-WHITENOISE_USE_FINDERS = True
+# Admin assets are served from the apps by config.asgi's static handler: no collectstatic step.
 
 # --- API ------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -163,6 +161,13 @@ BILLING_DEFAULT_OUTPUT_PER_MTOK = env_str("BILLING_DEFAULT_OUTPUT_PER_MTOK", "")
 
 # --- Gateway ----------------------------------------------------------------------------------
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
+# Requests placing holds at once per process; keep it below the pool size so that settles
+# always find a connection (gateway/pipeline.py, admission control).
+GATEWAY_MAX_CONCURRENT_HOLDS = env_int(
+    "GATEWAY_MAX_CONCURRENT_HOLDS", max(1, env_int("DB_POOL_MAX_SIZE", 32) // 2)
+)
+# A request that waits longer than this to be admitted gets a 503 (nothing was held).
+GATEWAY_ADMISSION_TIMEOUT_SECONDS = env_int("GATEWAY_ADMISSION_TIMEOUT_SECONDS", 30)
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 # Upstream deadline: always shorter than the hold TTL so a live request never outlives its hold.
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = min(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db import connection
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
@@ -20,7 +21,12 @@ def request_secret(request: Request) -> str:
 class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[None, ApiKey]:
         # Raises a 401 GatewayError; every gateway request must carry a key.
-        return None, api_key_authenticate(secret=request_secret(request), now=timezone.now())
+        try:
+            return None, api_key_authenticate(secret=request_secret(request), now=timezone.now())
+        finally:
+            # A key lookup (on a cache miss) must not keep its pooled connection while this
+            # request waits for admission to place its hold.
+            connection.close()
 
     def authenticate_header(self, request: Request) -> str:
         return "Bearer"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ from gateway.upstreams.client import UpstreamCall, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
+# Admission control: at most this many requests place holds at once (each holds a pooled
+# connection, maybe waiting on a busy account's row lock). The rest of the pool stays free for
+# settles and releases, so a burst of new requests can never starve the money that is due.
+_hold_admission = threading.BoundedSemaphore(settings.GATEWAY_MAX_CONCURRENT_HOLDS)
+
 
 @dataclass
 class BilledRequest:
@@ -54,6 +60,7 @@ class BilledRequest:
     price: Price
     prompt_tokens: int  # our count, without the hold's margin
     hold_amount: Decimal
+    max_output_tokens: int  # what we forward upstream, so what the hold covers
     started_at: datetime
     started: float  # monotonic
     first_byte_ms: int | None = None
@@ -80,56 +87,30 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
     started = time.monotonic()
     now = timezone.now()
     parsed = adapter.parse(request.data)
-    context = model_context_get(alias=parsed.model)
-    try:
-        price = price_select(context=context, api_key=api_key, at=now)
-    except BillingError as exc:
-        raise error_from_billing(exc) from exc
-    max_output = parsed.max_output_tokens or context.max_output_tokens
-    if max_output > context.max_output_tokens:
-        raise invalid_param(
-            parsed.max_tokens_param,
-            f"'{parsed.max_tokens_param}' is too large: this model allows at most "
-            f"{context.max_output_tokens}.",
+    if not _hold_admission.acquire(timeout=settings.GATEWAY_ADMISSION_TIMEOUT_SECONDS):
+        metrics.HOLD_REFUSALS.labels("Overloaded").inc()
+        raise GatewayError(
+            503, "The gateway is overloaded; retry shortly.", "server_error", "overloaded"
         )
-    prompt_tokens = messages_tokens(parsed.messages, system=parsed.system)
-    hold_amount = max(
-        price.worst_case(
-            prompt_tokens=with_margin(prompt_tokens), max_output_tokens=max_output * parsed.n
-        ),
-        QUANTUM,
-    )
     try:
-        hold_place(
-            api_key=api_key,
+        billed = _hold_for(
             request_id=request_id,
-            amount=hold_amount,
+            adapter=adapter,
+            parsed=parsed,
+            api_key=api_key,
             now=now,
-            model_alias=parsed.model,
+            started=started,
         )
-    except BillingError as exc:
-        metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
-        raise error_from_billing(exc) from exc
-    metrics.HOLDS.labels("placed").inc()
-    # No DB connection is held while we wait on the upstream: a few slow streams would
-    # otherwise exhaust the pool.
-    connection.close()
-
-    billed = BilledRequest(
-        request_id=request_id,
-        adapter=adapter,
-        parsed=parsed,
-        context=context,
-        price=price,
-        prompt_tokens=prompt_tokens,
-        hold_amount=hold_amount,
-        started_at=now,
-        started=started,
-    )
+    finally:
+        _hold_admission.release()
+        # No DB connection is held while we wait on the upstream (or on admission): a few
+        # slow streams would otherwise exhaust the pool.
+        connection.close()
+    context = billed.context
     url, headers, body = adapter.upstream_request(
         parsed,
         context.target(),
-        max_output_tokens=max_output,
+        max_output_tokens=billed.max_output_tokens,
         anthropic_version=request.headers.get("anthropic-version"),
     )
     timeout = aiohttp.ClientTimeout(
@@ -168,6 +149,61 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
     response = JsonResponse(adapter.with_cost(payload, usage=usage, cost=money_str(cost)))
     response["x-request-cost"] = money_str(cost)
     return response
+
+
+def _hold_for(
+    *,
+    request_id: str,
+    adapter: type[Adapter],
+    parsed: ParsedRequest,
+    api_key: ApiKey,
+    now: datetime,
+    started: float,
+) -> BilledRequest:
+    """Resolve model and price, estimate the worst case and place the hold."""
+    context = model_context_get(alias=parsed.model)
+    try:
+        price = price_select(context=context, api_key=api_key, at=now)
+    except BillingError as exc:
+        raise error_from_billing(exc) from exc
+    max_output = parsed.max_output_tokens or context.max_output_tokens
+    if max_output > context.max_output_tokens:
+        raise invalid_param(
+            parsed.max_tokens_param,
+            f"'{parsed.max_tokens_param}' is too large: this model allows at most "
+            f"{context.max_output_tokens}.",
+        )
+    prompt_tokens = messages_tokens(parsed.messages, system=parsed.system)
+    hold_amount = max(
+        price.worst_case(
+            prompt_tokens=with_margin(prompt_tokens), max_output_tokens=max_output * parsed.n
+        ),
+        QUANTUM,
+    )
+    try:
+        hold_place(
+            api_key=api_key,
+            request_id=request_id,
+            amount=hold_amount,
+            now=now,
+            model_alias=parsed.model,
+        )
+    except BillingError as exc:
+        metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
+        raise error_from_billing(exc) from exc
+    metrics.HOLDS.labels("placed").inc()
+    return BilledRequest(
+        request_id=request_id,
+        adapter=adapter,
+        parsed=parsed,
+        context=context,
+        price=price,
+        prompt_tokens=prompt_tokens,
+        hold_amount=hold_amount,
+        max_output_tokens=max_output,
+        started_at=now,
+        started=started,
+    )
 
 
 async def _call_json(

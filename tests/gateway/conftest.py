@@ -68,16 +68,16 @@ def mock_upstream() -> Iterator[MockUpstreamThread]:
         yield mock
 
 
-@pytest.fixture(scope="session")
-def live_gateway(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[LiveGateway]:  # type: ignore[no-untyped-def]
+def start_gateway(log_path: Path, **env_overrides: str) -> LiveGateway:
+    """uvicorn serving config.asgi:application against the test database."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("gateway") / "uvicorn.log"
     env = {
         **os.environ,
         "DATABASE_URL": test_database_url(),
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "BILLING_HOLD_TTL_SECONDS": "900",
         "LOG_LEVEL": "INFO",
+        **env_overrides,
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -107,14 +107,25 @@ def live_gateway(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterat
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
             raise RuntimeError(f"gateway did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield LiveGateway(url=url, log_path=log_path, process=process)
-    process.terminate()
+    return LiveGateway(url=url, log_path=log_path, process=process)
+
+
+def stop_gateway(gateway: LiveGateway) -> None:
+    gateway.process.terminate()
     try:
-        process.wait(timeout=10)
+        gateway.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        process.kill()
+        gateway.process.kill()
+
+
+@pytest.fixture(scope="session")
+def live_gateway(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[LiveGateway]:  # type: ignore[no-untyped-def]
+    gateway = start_gateway(tmp_path_factory.mktemp("gateway") / "uvicorn.log")
+    yield gateway
+    stop_gateway(gateway)
 
 
 @dataclass
