@@ -177,14 +177,7 @@ GATEWAY_UPSTREAM_TIMEOUT_SECONDS = min(
 # everywhere within a second.
 GATEWAY_CACHE_TTL_SECONDS = 1.0
 
-CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "gateway": {
-        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-        "LOCATION": "gateway",
-        "OPTIONS": {"MAX_ENTRIES": 100_000},
-    },
-}
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # --- Celery -----------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.core.cache import caches
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
@@ -10,6 +9,7 @@ from django.db import transaction
 from billing.errors import InvalidAmount
 from billing.models import LanguageModel
 from gateway.models import Route, Upstream
+from gateway.selectors import model_context_forget
 
 
 @transaction.atomic(durable=True)
@@ -48,5 +48,5 @@ def model_route_set(
         },
     )
     # This process sees the change at once; others within the cache TTL.
-    transaction.on_commit(lambda: caches["gateway"].delete(f"model:{model.alias}"))
+    transaction.on_commit(lambda: model_context_forget(alias=model.alias))
     return route
