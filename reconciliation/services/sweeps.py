@@ -6,7 +6,7 @@ import logging
 from datetime import datetime
 
 import sentry_sdk
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 
 from billing import metrics
@@ -18,9 +18,28 @@ from reconciliation.models import ReconciliationItem
 logger = logging.getLogger(__name__)
 
 
+# PostgreSQL: the whole batch in one INSERT ... SELECT; the unique (kind, request_id) index
+# makes a second sweep of the same hold a no-op.
+_QUEUE_EXPIRED_SQL = """
+INSERT INTO reconciliation_reconciliationitem
+    (kind, status, request_id, account_id, key_prefix, model_alias, usage, details,
+     cost, held_amount, error, attempts, created_at, resolution_memo)
+SELECT 'expired_hold', 'pending', h.request_id, h.account_id, COALESCE(k.prefix, ''),
+       h.model_alias, '{}'::jsonb, jsonb_build_object('expires_at', h.expires_at),
+       NULL, h.amount, '', 0, %(now)s, ''
+FROM billing_hold AS h LEFT JOIN billing_apikey AS k ON k.id = h.api_key_id
+WHERE h.id = ANY(%(ids)s) AND h.transaction_id IS NULL
+ON CONFLICT DO NOTHING
+"""
+
+
 def _expired_holds_queue(*, hold_ids: list[int], now: datetime) -> int:
     """Queue the just-expired holds that nobody charged; runs inside the expiry's transaction,
     so a hold is never expired without its item. Memory is bounded by one batch."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_QUEUE_EXPIRED_SQL, {"ids": hold_ids, "now": now})
+            return cursor.rowcount
     rows = list(
         Hold.objects.filter(id__in=hold_ids, transaction__isnull=True).values_list(
             "request_id", "account_id", "api_key__prefix", "model_alias", "amount", "expires_at"
