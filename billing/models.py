@@ -239,7 +239,10 @@ class Hold(models.Model):
         EXPIRED = "expired"
 
     request_id = models.CharField(max_length=64, unique=True)
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="holds")
+    # Indexed by Meta's (account, state); every expiry rewrites each index of this table.
+    account = models.ForeignKey(
+        Account, on_delete=models.PROTECT, related_name="holds", db_index=False
+    )
     api_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="holds"
     )

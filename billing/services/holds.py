@@ -8,7 +8,7 @@ from __future__ import annotations
 import calendar
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -408,7 +408,7 @@ def hold_release(*, request_id: str, now: datetime, details: RequestDetails | No
 def holds_expire(
     *,
     now: datetime,
-    batch_size: int = 5000,
+    batch_size: int = 10_000,
     max_batches: int | None = None,
     on_expired: Callable[[list[int]], None] | None = None,
 ) -> int:
@@ -421,9 +421,12 @@ def holds_expire(
     """
     expired = 0
     batches = 0
+    cursor = _SWEEP_START
     while max_batches is None or batches < max_batches:
         with transaction.atomic(durable=True):
-            count = _holds_expire_batch(now=now, batch_size=batch_size, on_expired=on_expired)
+            count, cursor = _holds_expire_batch(
+                now=now, batch_size=batch_size, on_expired=on_expired, after=cursor
+            )
         expired += count
         batches += 1
         if count < batch_size:
@@ -434,18 +437,21 @@ def holds_expire(
 # One statement per batch on PostgreSQL: pick the due holds (skipping any a settle has locked),
 # expire them, lock their accounts in id order (concurrent sweeps cannot deadlock), and take the
 # expired amounts off the accounts' and budgeted keys' held totals. SUM(bigint) is numeric, so
-# the subtraction stays exact.
+# the subtraction stays exact. Each batch starts after the last one's (expires_at, id): the
+# partial index still holds the entries of holds expired moments ago (until vacuum), and
+# rescanning them from the start every batch made the sweep quadratic.
 _EXPIRE_BATCH_SQL = """
 WITH due AS (
     SELECT id FROM billing_hold
     WHERE state = 'active' AND expires_at <= %(now)s
+      AND (expires_at, id) > (%(after_at)s, %(after_id)s)
     ORDER BY expires_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), expired AS (
     UPDATE billing_hold AS h SET state = 'expired', resolved_at = %(now)s
     FROM due WHERE h.id = due.id
-    RETURNING h.id, h.account_id, h.api_key_id, h.amount, h.budgeted
+    RETURNING h.id, h.expires_at, h.account_id, h.api_key_id, h.amount, h.budgeted
 ), per_account AS (
     SELECT account_id, SUM(amount) AS total FROM expired GROUP BY account_id
 ), locked AS (
@@ -464,20 +470,32 @@ WITH due AS (
     FROM per_key AS p WHERE k.id = p.api_key_id
     RETURNING k.id
 )
-SELECT id FROM expired
+SELECT id, expires_at FROM expired
 """
 
 
+_SWEEP_START = (datetime.min.replace(tzinfo=UTC), 0)
+
+
 def _holds_expire_batch(
-    *, now: datetime, batch_size: int, on_expired: Callable[[list[int]], None] | None
-) -> int:
+    *,
+    now: datetime,
+    batch_size: int,
+    on_expired: Callable[[list[int]], None] | None,
+    after: tuple[datetime, int],
+) -> tuple[int, tuple[datetime, int]]:
+    """Expire one batch; returns (count, where the next batch starts)."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute(_EXPIRE_BATCH_SQL, {"now": now, "limit": batch_size})
-            ids = [row[0] for row in cursor.fetchall()]
+            cursor.execute(
+                _EXPIRE_BATCH_SQL,
+                {"now": now, "limit": batch_size, "after_at": after[0], "after_id": after[1]},
+            )
+            rows = cursor.fetchall()
+        ids = [row[0] for row in rows]
         if ids and on_expired is not None:
             on_expired(ids)
-        return len(ids)
+        return len(ids), max(((at, hold_id) for hold_id, at in rows), default=after)
     # Elsewhere (SQLite, the embedded default) the same steps as separate set-based statements.
     ids = list(
         Hold.objects.filter(state=Hold.State.ACTIVE, expires_at__lte=now)
@@ -486,7 +504,7 @@ def _holds_expire_batch(
         .values_list("id", flat=True)[:batch_size]
     )
     if not ids:
-        return 0
+        return 0, after
     batch = Hold.objects.filter(id__in=ids)
     account_totals = (
         batch.filter(account_id=OuterRef("pk"))
@@ -516,4 +534,4 @@ def _holds_expire_batch(
     count = batch.update(state=Hold.State.EXPIRED, resolved_at=now)
     if on_expired is not None:
         on_expired(ids)
-    return count
+    return count, after

@@ -71,7 +71,7 @@ def _expired_holds_queue(*, hold_ids: list[int], now: datetime) -> int:
     return len(items)
 
 
-def holds_expire_and_queue(*, now: datetime, batch_size: int = 5000) -> dict[str, int]:
+def holds_expire_and_queue(*, now: datetime, batch_size: int = 10_000) -> dict[str, int]:
     """Expire every active hold whose expiry is at or before `now` (never one before its
     time) and turn each into an expired-hold reconciliation item."""
     queued = 0
