@@ -1,0 +1,73 @@
+"""Lesson 1 and 2 of the brief, end to end: the gateway's own settle cannot be written, the
+response still completes, and the real Celery worker charges the request exactly once later."""
+
+# The worker fixtures live in tests/reconciliation/conftest.py; importing them here makes them
+# available to this module, and their names then reappear as test arguments.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+
+from billing.models import Hold, LedgerTransaction
+from billing.selectors import ledger_audit
+from reconciliation.models import ReconciliationItem
+from tests.gateway.conftest import start_gateway, stop_gateway
+from tests.gateway.ledger import charged
+from tests.reconciliation.conftest import (  # noqa: F401 - fixtures used by name
+    celery_worker,
+    row_locker,
+    running_worker,
+    wait_until,
+    worker_queue,
+)
+
+
+def test_settle_that_cannot_be_written_is_retried_by_the_worker_and_charged_once(
+    world, running_worker, worker_queue, row_locker, tmp_path
+):
+    # The gateway gives up on a row lock after 300 ms, as it would on a database outage.
+    gateway = start_gateway(
+        tmp_path / "gateway.log",
+        PGOPTIONS="-c lock_timeout=300",
+        CELERY_TASK_DEFAULT_QUEUE=worker_queue,
+    )
+    try:
+        body = {
+            "model": world.openai_model,
+            "messages": [{"role": "user", "content": "slow [mock:tokens=5] [mock:delay_ms=200]"}],
+        }
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(
+                httpx.post,
+                f"{gateway.url}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {world.key}"},
+                timeout=30,
+            )
+            hold = wait_until(
+                lambda: Hold.objects.filter(account=world.account).first(), timeout=10
+            )
+            row_locker.hold_lock(hold.request_id)  # the settle will fail on this lock
+            response = reply.result()
+        assert response.status_code == 200
+        cost = Decimal(response.headers["x-request-cost"])
+        assert "handing it to the retry task" in gateway.log_text()
+        assert charged(hold.request_id) == 0  # not yet: the hold is still there
+        hold.refresh_from_db()
+        assert hold.state == Hold.State.ACTIVE
+        row_locker.release()  # the outage ends
+        wait_until(lambda: Hold.objects.get(pk=hold.pk).state == Hold.State.SETTLED, timeout=30)
+    finally:
+        stop_gateway(gateway)
+    assert charged(hold.request_id) == cost > 0
+    assert LedgerTransaction.objects.filter(request_id=hold.request_id).count() == 1
+    world.account.refresh_from_db()
+    assert (world.account.balance, world.account.held) == (Decimal("10") - cost, 0)
+    assert not ReconciliationItem.objects.filter(
+        request_id=hold.request_id, status=ReconciliationItem.Status.PENDING
+    ).exists()
+    assert ledger_audit().clean
