@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, OuterRef, Q, Subquery, Sum, When
 
@@ -315,53 +316,72 @@ def hold_settle(
         if hold.state == Hold.State.RELEASED:
             raise HoldAlreadyResolved(request_id=request_id, state=hold.state)
 
-        was_active = hold.state == Hold.State.ACTIVE
-        is_late = not was_active or now >= hold.expires_at
-        release = hold.amount if was_active else ZERO
-        if was_active:
-            hold.state = Hold.State.SETTLED
-            hold.resolved_at = now
-        hold.settled_amount = cost
-        hold.is_overrun = cost > hold.amount
-        hold.is_late = is_late
-        _usage_record_write(
-            hold=hold,
-            usage=usage,
-            cost=cost,
-            status=UsageRecord.Status.SETTLED,
-            details=details,
-            now=now,
+        txn = hold_charge(hold=hold, cost=cost, now=now, usage=usage, details=details)
+    return SettleResult(hold=hold, cost=cost, transaction_id=txn.pk if txn else None)
+
+
+def hold_charge(
+    *,
+    hold: Hold,
+    cost: Decimal,
+    now: datetime,
+    usage: Usage | None = None,
+    details: RequestDetails | None = None,
+    memo: str = "",
+    posted_by: AbstractBaseUser | None = None,
+) -> LedgerTransaction | None:
+    """Post `cost` as the request's usage and resolve its hold: the step a settle and a
+    finance charge share. Inner: the caller holds the hold's row lock in its transaction and
+    has checked the request has no posting yet."""
+    was_active = hold.state == Hold.State.ACTIVE
+    is_late = not was_active or now >= hold.expires_at
+    release = hold.amount if was_active else ZERO
+    if was_active:
+        hold.state = Hold.State.SETTLED
+        hold.resolved_at = now
+    hold.settled_amount = cost
+    hold.is_overrun = cost > hold.amount
+    hold.is_late = is_late
+    _usage_record_write(
+        hold=hold,
+        usage=usage,
+        cost=cost,
+        status=UsageRecord.Status.SETTLED,
+        details=details,
+        now=now,
+    )
+
+    def record(posted: LedgerTransaction | None) -> None:
+        hold.transaction = posted
+        hold.save(
+            update_fields=[
+                "state",
+                "resolved_at",
+                "settled_amount",
+                "is_overrun",
+                "is_late",
+                "transaction",
+            ]
         )
 
-        def record(posted: LedgerTransaction | None) -> None:
-            hold.transaction = posted
-            hold.save(
-                update_fields=[
-                    "state",
-                    "resolved_at",
-                    "settled_amount",
-                    "is_overrun",
-                    "is_late",
-                    "transaction",
-                ]
-            )
-
-        # Per-request rows are written first; the shared account row is locked last, from
-        # its UPDATE to COMMIT only.
-        txn = None
-        if cost > 0:
-            posting = usage_posting(hold=hold, cost=cost, now=now, is_late=is_late)
-            txn = ledger_post(
-                posting=posting, now=now, held_release={hold.account_id: release}, on_posted=record
-            )
-        else:
-            record(None)
-            if release:
-                Account.objects.filter(pk=hold.account_id).update(
-                    held=F("held") - money_value(release)
-                )
-        _budget_release(hold=hold, release=release, spent=cost, now=now)
-    return SettleResult(hold=hold, cost=cost, transaction_id=txn.pk if txn else None)
+    # Per-request rows are written first; the shared account row is locked last, from its
+    # UPDATE to COMMIT only.
+    txn = None
+    if cost > 0:
+        posting = usage_posting(hold=hold, cost=cost, now=now, is_late=is_late, memo=memo)
+        txn = ledger_post(
+            posting=posting,
+            now=now,
+            posted_by=posted_by,
+            held_release={hold.account_id: release},
+            on_posted=record,
+        )
+    else:
+        record(None)
+        if release:
+            Account.objects.filter(pk=hold.account_id).update(held=F("held") - money_value(release))
+    _budget_release(hold=hold, release=release, spent=cost, now=now)
+    return txn
 
 
 def _settle_replay(*, hold: Hold, cost: Decimal) -> SettleResult:

@@ -20,7 +20,7 @@ from django.db.models import F
 from billing.errors import HoldAlreadyResolved, HoldNotFound, InvalidAmount
 from billing.models import Account, Hold, LedgerTransaction
 from billing.money import ZERO, money_value
-from billing.services.holds import hold_budget_release, usage_posting
+from billing.services.holds import hold_budget_release, hold_charge
 from billing.services.ledger import (
     Leg,
     Posting,
@@ -70,32 +70,7 @@ def request_charge_post(
         # Released means the upstream produced nothing: there is no usage to charge.
         raise HoldAlreadyResolved(request_id=request_id, state=hold.state)
 
-    was_active = hold.state == Hold.State.ACTIVE
-    is_late = not was_active or now >= hold.expires_at
-    release = hold.amount if was_active else ZERO
-    posting = usage_posting(hold=hold, cost=cost, now=now, is_late=is_late, memo=memo)
-    txn = ledger_post(
-        posting=posting, now=now, posted_by=posted_by, held_release={hold.account_id: release}
-    )
-    hold_budget_release(hold=hold, release=release, spent=cost, now=now)
-    if was_active:
-        hold.state = Hold.State.SETTLED
-        hold.resolved_at = now
-    hold.settled_amount = cost
-    hold.is_overrun = cost > hold.amount
-    hold.is_late = is_late
-    hold.transaction = txn
-    hold.save(
-        update_fields=[
-            "state",
-            "resolved_at",
-            "settled_amount",
-            "is_overrun",
-            "is_late",
-            "transaction",
-        ]
-    )
-    return txn
+    return hold_charge(hold=hold, cost=cost, now=now, memo=memo, posted_by=posted_by)
 
 
 def write_off_posting(
