@@ -9,6 +9,10 @@ import pytest
 from django.db import connection
 
 from tests.factories import make_account, make_key
+from tests.workers import celery_worker, row_locker, running_worker, worker_queue
+
+# Registered here, once, for every test directory (see tests/workers.py).
+__all__ = ["celery_worker", "row_locker", "running_worker", "worker_queue"]
 
 
 @pytest.fixture

@@ -1,10 +1,6 @@
 """Lesson 1 and 2 of the brief, end to end: the gateway's own settle cannot be written, the
 response still completes, and the real Celery worker charges the request exactly once later."""
 
-# The worker fixtures live in tests/reconciliation/conftest.py; importing them here makes them
-# available to this module, and their names then reappear as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +13,7 @@ from billing.selectors import ledger_audit
 from reconciliation.models import ReconciliationItem
 from tests.gateway.conftest import start_gateway, stop_gateway
 from tests.gateway.ledger import charged
-from tests.reconciliation.conftest import (  # noqa: F401 - fixtures used by name
-    celery_worker,
-    row_locker,
-    running_worker,
-    wait_until,
-    worker_queue,
-)
+from tests.workers import wait_until
 
 
 def test_settle_that_cannot_be_written_is_retried_by_the_worker_and_charged_once(

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.services.holds import hold_place
 from reconciliation.services.sweeps import holds_expire_and_queue
-from tests.reconciliation.conftest import database_url_of_tests, run_python
+from tests.reconciliation.conftest import run_python
+from tests.workers import database_url_of_tests
 
 
 def _sample(text: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -18,7 +18,7 @@ from billing.services.holds import RequestDetails, hold_place
 from reconciliation.models import ReconciliationItem
 from reconciliation.services.failures import deduction_failure_record, settlement_handoff
 from tests.factories import make_account, make_key
-from tests.reconciliation.conftest import wait_until
+from tests.workers import wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 
