@@ -5,7 +5,6 @@ Lock order everywhere: hold row, then account rows (ascending id), then the API 
 
 from __future__ import annotations
 
-import calendar
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -97,14 +96,6 @@ def budget_period_start(*, period: str, now: datetime) -> datetime:
     if period == ApiKey.BudgetPeriod.MONTH:
         return day.replace(day=1)
     raise InvalidAmount(f"unknown budget period {period!r}")
-
-
-def budget_period_end(*, period: str, start: datetime) -> datetime:
-    if period == ApiKey.BudgetPeriod.DAY:
-        return start + timedelta(days=1)
-    if period == ApiKey.BudgetPeriod.WEEK:
-        return start + timedelta(days=7)
-    return start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
 
 
 def _budget_roll(*, start: datetime) -> Case:
