@@ -399,3 +399,49 @@ def test_slow_stream_settles_before_the_final_bytes(world):
         after = client.get("/v1/billing/balance").json()
     assert Decimal(after["held"]) == 0
     assert Decimal(after["balance"]) == START - charged(raw.headers["x-request-id"])
+
+
+def test_upstream_timeout_before_first_byte_gets_504_and_releases_the_hold(world):
+    from gateway.models import Upstream
+
+    Upstream.objects.filter(name="mock-openai").update(read_timeout_seconds=1)
+    with world.http() as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "messages": user("slow [mock:tokens=2] [mock:delay_ms=2500]"),
+            },
+        )
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    hold = Hold.objects.get(request_id=response.headers["x-request-id"])
+    assert hold.state == Hold.State.RELEASED
+    assert balance(world.account) == (START, 0)
+
+
+def test_stream_that_stalls_after_its_first_event_is_billed_and_ends_with_an_error(world):
+    from gateway.models import Upstream
+
+    Upstream.objects.filter(name="mock-openai").update(read_timeout_seconds=1)
+    messages = user("stall [mock:tokens=2] [mock:delay_ms=2500]")
+    with (
+        world.http() as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": world.openai_model,
+                "stream": True,
+                "messages": messages,
+            },
+        ) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        lines = _sse_lines(response)
+    assert response.status_code == 200  # the role chunk had already been relayed
+    assert "error" in json.loads(lines[-1][6:])
+    record = usage_record(request_id)
+    assert (record.estimated, record.output_tokens, record.outcome) == (True, 0, "upstream_timeout")
+    assert charged(request_id) == expected_cost(Usage(input_tokens=mock_prompt_tokens(messages)))
+    assert_clean(world.account)
