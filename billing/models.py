@@ -187,10 +187,10 @@ class LedgerTransaction(models.Model):
         REVERSAL = "reversal"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
-    idempotency_key = models.CharField(max_length=200, unique=True)
+    idempotency_key = models.CharField(max_length=200)  # unique: see Meta
     # SHA-256 of the posting's content: a replay with the same key must match it.
     content_hash = models.CharField(max_length=64)
-    request_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    request_id = models.CharField(max_length=64, blank=True, default="")
     memo = models.TextField(blank=True, default="")
     # None means the system posted it.
     posted_by = models.ForeignKey(
@@ -206,7 +206,15 @@ class LedgerTransaction(models.Model):
     is_late = models.BooleanField(default=False)
 
     class Meta:
-        indexes = [models.Index(fields=["kind", "posted_at"])]
+        # Declared here rather than with unique=True / db_index=True, which on PostgreSQL also
+        # add LIKE-only indexes that every posting would maintain for nothing.
+        constraints = [
+            models.UniqueConstraint(fields=["idempotency_key"], name="txn_idempotency_key_unique")
+        ]
+        indexes = [
+            models.Index(fields=["kind", "posted_at"]),
+            models.Index(fields=["request_id"], name="txn_request_id"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} #{self.pk} ({self.idempotency_key})"
@@ -238,7 +246,9 @@ class Hold(models.Model):
         RELEASED = "released"
         EXPIRED = "expired"
 
-    request_id = models.CharField(max_length=64, unique=True)
+    # Unique through Meta (a UniqueConstraint): unique=True would add a second, LIKE-only index
+    # on PostgreSQL that every insert and expiry would have to maintain.
+    request_id = models.CharField(max_length=64)
     # Indexed by Meta's (account, state); every expiry rewrites each index of this table.
     account = models.ForeignKey(
         Account, on_delete=models.PROTECT, related_name="holds", db_index=False
@@ -264,6 +274,7 @@ class Hold(models.Model):
 
     class Meta:
         constraints = [
+            models.UniqueConstraint(fields=["request_id"], name="hold_request_id_unique"),
             models.CheckConstraint(condition=Q(amount__gt=0), name="hold_amount_positive"),
             models.CheckConstraint(
                 condition=Q(state__in=["active", "settled", "released", "expired"]),
@@ -294,7 +305,7 @@ class UsageRecord(models.Model):
         RELEASED = "released"
         PENDING = "pending"  # settle handed to the retry path
 
-    request_id = models.CharField(max_length=64, unique=True)
+    request_id = models.CharField(max_length=64)  # unique: see Meta
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="usage_records")
     api_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
@@ -317,6 +328,9 @@ class UsageRecord(models.Model):
     created_at = models.DateTimeField()
 
     class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["request_id"], name="usage_request_id_unique")
+        ]
         indexes = [models.Index(fields=["account", "started_at"])]
 
     def __str__(self) -> str:
