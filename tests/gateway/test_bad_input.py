@@ -10,7 +10,7 @@ import httpx
 import pytest
 from django.utils import timezone
 
-from billing.models import Hold, LanguageModel, LedgerTransaction
+from billing.models import Hold, LedgerTransaction
 from billing.services.keys import api_key_revoke
 from billing.services.tariffs import tariff_set
 from gateway.services import model_route_set
@@ -244,4 +244,3 @@ def _assert_no_trace(world) -> None:  # type: ignore[no-untyped-def]
     assert world.account.held == 0
     assert not Hold.objects.filter(account=world.account).exists()
     assert not LedgerTransaction.objects.exclude(kind="grant").exists()
-    assert LanguageModel.objects.exists()
