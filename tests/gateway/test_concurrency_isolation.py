@@ -73,7 +73,12 @@ def test_a_burst_on_a_tiny_pool_never_starves_settlement(world, tmp_path):
         stop_gateway(small)
     statuses = [status for status, _ in results]
     assert set(statuses) <= {200, 402}, statuses
-    assert statuses.count(200) >= 10
+    # Every hold that fits the balance at once must get through (more may, as settles free
+    # money): a starved settle or a 503 would show here. The count depends on the hold's size,
+    # not on how fast the machine is.
+    hold_amount = Hold.objects.filter(account=poor).values_list("amount", flat=True).first()
+    assert hold_amount is not None
+    assert statuses.count(200) >= Decimal("0.2") // hold_amount >= 5
     assert "handing it to the retry task" not in small.log_text()
     poor.refresh_from_db()
     assert poor.held == 0

@@ -1,0 +1,149 @@
+"""The one-statement settle (PostgreSQL, key without a budget) and the general ORM path (a key
+with a budget takes it) must leave identical money, hold, ledger and usage rows."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from billing.models import Account, ApiKey, Hold, LedgerTransaction, UsageRecord
+from billing.pricing import Usage
+from billing.selectors import ledger_audit
+from billing.services.holds import RequestDetails, hold_place, hold_settle
+from billing.services.ledger import Leg, Posting
+from tests.factories import make_account, make_key
+
+pytestmark = pytest.mark.django_db
+
+D = Decimal
+TTL = 60
+
+
+def _settle_on(
+    *, budgeted: bool, request_id: str, cost: str, settle_after: int, now: datetime
+) -> tuple[Account, ApiKey, Any]:
+    account = make_account(credits=D("10"), now=now)
+    options: dict[str, Any] = (
+        {"budget_limit": D("1000"), "budget_period": "month"} if budgeted else {}
+    )
+    key = make_key(account=account, now=now, **options).api_key
+    hold_place(
+        api_key=key,
+        request_id=request_id,
+        amount=D("2"),
+        now=now,
+        model_alias="gpt-test",
+        ttl_seconds=TTL,
+    )
+    settled_at = now + timedelta(seconds=settle_after)
+    result = hold_settle(
+        request_id=request_id,
+        cost=D(cost),
+        now=settled_at,
+        usage=Usage(input_tokens=11, cached_input_tokens=3, output_tokens=7, reasoning_tokens=2),
+        details=RequestDetails(
+            endpoint="chat.completions",
+            started_at=now,
+            stream=True,
+            outcome="completed",
+            first_byte_ms=12,
+            duration_ms=345,
+        ),
+    )
+    return account, key, result
+
+
+def _rows(account: Account, request_id: str) -> dict[str, Any]:
+    account.refresh_from_db()
+    hold = Hold.objects.get(request_id=request_id)
+    txn = LedgerTransaction.objects.filter(request_id=request_id).first()
+    record = UsageRecord.objects.values().get(request_id=request_id)
+    for field in ("id", "request_id", "account_id", "api_key_id"):
+        record.pop(field)
+    rows: dict[str, Any] = {
+        "balance": account.balance,
+        "held": account.held,
+        "hold": (
+            hold.state,
+            hold.resolved_at,
+            hold.settled_amount,
+            hold.is_overrun,
+            hold.is_late,
+            hold.transaction_id == (txn.pk if txn else None),
+        ),
+        "usage_record": record,
+        "transaction": None,
+    }
+    if txn is not None:
+        expected_hash = Posting(
+            kind=txn.kind,
+            legs=[Leg(account_id=leg.account_id, amount=leg.amount) for leg in txn.legs.all()],
+            idempotency_key=txn.idempotency_key,
+            occurred_at=txn.occurred_at,
+            request_id=request_id,
+        ).content_hash
+        rows["transaction"] = (
+            txn.kind,
+            txn.idempotency_key == f"request:{request_id}",
+            txn.content_hash == expected_hash,
+            txn.occurred_at,
+            txn.posted_at,
+            txn.model_alias,
+            txn.memo,
+            txn.posted_by_id,
+            txn.is_overrun,
+            txn.is_late,
+            sorted(
+                ("customer" if leg.account_id == account.pk else str(leg.account_id), leg.amount)
+                for leg in txn.legs.all()
+            ),
+        )
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("cost", "settle_after"),
+    [
+        ("0.75", 5),  # the common case
+        ("0", 5),  # nothing to post, the hold still resolves
+        ("2.5", 5),  # overrun: posted in full and flagged
+        ("0.75", TTL + 1),  # past expiry but not yet swept: flagged late
+    ],
+)
+def test_one_statement_settle_matches_the_general_path(
+    postgres_only: None, now: datetime, cost: str, settle_after: int
+) -> None:
+    fast_account, _, fast = _settle_on(
+        budgeted=False, request_id="fast", cost=cost, settle_after=settle_after, now=now
+    )
+    general_account, general_key, general = _settle_on(
+        budgeted=True, request_id="general", cost=cost, settle_after=settle_after, now=now
+    )
+
+    assert _rows(fast_account, "fast") == _rows(general_account, "general")
+    assert (fast.cost, fast.is_overrun, fast.is_late, fast.replayed) == (
+        general.cost,
+        general.is_overrun,
+        general.is_late,
+        general.replayed,
+    )
+    assert (fast.transaction_id is None) == (D(cost) == 0)
+    general_key.refresh_from_db()
+    assert general_key.budget_held == 0 and general_key.budget_spent == D(cost)
+    assert ledger_audit().clean
+
+
+def test_one_statement_settle_replays_and_conflicts_like_the_general_path(
+    postgres_only: None, now: datetime
+) -> None:
+    account, _, first = _settle_on(
+        budgeted=False, request_id="r1", cost="0.75", settle_after=5, now=now
+    )
+    again = hold_settle(request_id="r1", cost=D("0.75"), now=now + timedelta(seconds=9))
+    assert again.replayed and again.transaction_id == first.transaction_id
+    assert LedgerTransaction.objects.filter(request_id="r1").count() == 1
+    account.refresh_from_db()
+    assert (account.balance, account.held) == (D("9.25"), D(0))
