@@ -60,9 +60,12 @@ def _rows(account: Account, request_id: str) -> dict[str, Any]:
     account.refresh_from_db()
     hold = Hold.objects.get(request_id=request_id)
     txn = LedgerTransaction.objects.filter(request_id=request_id).first()
-    record = UsageRecord.objects.values().get(request_id=request_id)
-    for field in ("id", "request_id", "account_id", "api_key_id"):
-        record.pop(field)
+    ids = {"id", "request_id", "account_id", "api_key_id"}
+    record = {
+        field: value
+        for field, value in UsageRecord.objects.values().get(request_id=request_id).items()
+        if field not in ids
+    }
     rows: dict[str, Any] = {
         "balance": account.balance,
         "held": account.held,
