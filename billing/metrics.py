@@ -54,6 +54,15 @@ TIME_TO_FIRST_BYTE = Histogram(
     ["endpoint"],
     buckets=(*LATENCY_BUCKETS, 5, 10, 30),
 )
+REQUESTS = Counter(
+    "gateway_requests_total", "Gateway requests by route and status.", ["route", "status"]
+)
+REQUEST_LATENCY = Histogram(
+    "gateway_request_seconds",
+    "Time until the response object is ready (for a stream: its first event).",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors_total", "Upstream failures by stage and kind.", ["stage", "kind"]
 )

@@ -67,8 +67,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
-    "gateway.middleware.GatewayMiddleware",
 ]
+# /v1/ is served by its own handler with only gateway.middleware.GatewayMiddleware
+# (gateway/handler.py, config/asgi.py).
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
@@ -165,6 +166,11 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
 # always find a connection (gateway/pipeline.py, admission control).
 GATEWAY_MAX_CONCURRENT_HOLDS = env_int(
     "GATEWAY_MAX_CONCURRENT_HOLDS", max(1, env_int("DB_POOL_MAX_SIZE", 32) // 2)
+)
+# Threads that settle and release (each with its own pooled connection): the rest of the pool.
+GATEWAY_SETTLE_THREADS = env_int(
+    "GATEWAY_SETTLE_THREADS",
+    max(1, env_int("DB_POOL_MAX_SIZE", 32) - GATEWAY_MAX_CONCURRENT_HOLDS),
 )
 # A request that waits longer than this to be admitted gets a 503 (nothing was held).
 GATEWAY_ADMISSION_TIMEOUT_SECONDS = env_int("GATEWAY_ADMISSION_TIMEOUT_SECONDS", 30)

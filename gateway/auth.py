@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db import connection
+from django.http import HttpRequest
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
@@ -11,7 +12,7 @@ from billing.models import ApiKey
 from gateway.selectors import api_key_authenticate
 
 
-def request_secret(request: Request) -> str:
+def request_secret(request: HttpRequest | Request) -> str:
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
         return header[7:].strip()

@@ -1,16 +1,20 @@
-"""Gateway framing for /v1/: a request id on every response, body size limit, and provider-
-shaped JSON for every error, including 404, 413 and 500 raised outside the views."""
+"""Gateway framing for /v1/: a request id on every response, body size limit, provider-shaped
+JSON for every error (including 404, 413 and 500 raised outside the views), request metrics.
+
+Async only: it is the one middleware of the gateway's handler (gateway/handler.py)."""
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponseBase
 
+from billing import metrics
 from gateway.errors import GatewayError, error_response, style_for_path
 
 logger = logging.getLogger(__name__)
@@ -35,22 +39,30 @@ def too_large() -> GatewayError:
 
 
 class GatewayMiddleware:
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> None:
         self.get_response = get_response
 
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        if not request.path.startswith("/v1/"):
-            return self.get_response(request)
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        started = time.monotonic()
         request_id = "req_" + uuid.uuid4().hex
         request.request_id = request_id  # type: ignore[attr-defined]
         style = style_for_path(request.path)
-        response = self._checked_body(request, style) or self.get_response(request)
+        response = self._checked_body(request, style) or await self.get_response(request)
         if response.status_code >= 400 and "json" not in response.get("Content-Type", ""):
             error = _STATUS_ERRORS.get(response.status_code) or GatewayError(
                 response.status_code, "Request failed.", "invalid_request_error"
             )
             response = error_response(error, style)
         response["x-request-id"] = request_id
+        response["X-Content-Type-Options"] = "nosniff"
+        match = request.resolver_match
+        route = match.route if match is not None else "unmatched"
+        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+        # Until the response object is ready; a stream's whole duration is its own metric.
+        metrics.REQUEST_LATENCY.labels(route).observe(time.monotonic() - started)
         return response
 
     def _checked_body(self, request: HttpRequest, style: str) -> HttpResponseBase | None:
@@ -71,8 +83,6 @@ class GatewayMiddleware:
     def process_exception(
         self, request: HttpRequest, exception: Exception
     ) -> HttpResponseBase | None:
-        if not request.path.startswith("/v1/"):
-            return None
         logger.exception(
             "unhandled gateway error (request %s)", getattr(request, "request_id", "?")
         )

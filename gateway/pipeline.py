@@ -1,33 +1,36 @@
 """The one billing pipeline every endpoint goes through.
 
-authenticate (DRF) -> validate -> resolve model and price -> estimate the worst case -> hold
+authenticate -> validate -> resolve model and price -> estimate the worst case -> hold
 -> give the DB connection back -> call upstream -> relay -> settle.
 
-The view body runs in a worker thread; the streaming relay runs on the event loop. Settlement
-is awaited inside the relay (shielded from the client's cancellation) and the stream's last
-bytes go out only after it has committed. A settle that cannot be written is handed to the
-retry task; the hold stays until it is settled or expires into reconciliation.
+Async: a request lives on the event loop. Only its database work leaves it, each step as one
+call into a small thread pool whose threads own pooled connections: the hold (with any cache
+miss before it) in the hold threads, the settle or release in the settle threads. The two
+pools split the database pool, so a burst of new requests can never take the connections
+that money already due needs. Settlement is awaited (shielded from the client's cancellation)
+and a stream's last bytes go out only after it has committed. A settle that cannot be written
+is handed to the retry task; the hold stays until it is settled or expires into reconciliation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection
-from django.http import HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
-from rest_framework.request import Request
 
 from billing import metrics
 from billing.errors import BillingError, HoldAlreadyResolved, IdempotencyConflict
@@ -35,18 +38,46 @@ from billing.models import ApiKey
 from billing.money import QUANTUM, money_str
 from billing.pricing import Price, Usage
 from billing.services.holds import RequestDetails, hold_place, hold_release, hold_settle
+from gateway.auth import request_secret
 from gateway.errors import GatewayError, error_from_billing, invalid_param
-from gateway.selectors import ModelContext, model_context_get, price_select
+from gateway.selectors import (
+    ModelContext,
+    api_key_authenticate,
+    api_key_from_cache,
+    model_context_get,
+    price_select,
+)
 from gateway.tokens import messages_tokens, text_tokens, with_margin
 from gateway.upstreams.base import Adapter, ParsedRequest, StreamState
 from gateway.upstreams.client import UpstreamCall, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
-# Admission control: at most this many requests place holds at once (each holds a pooled
-# connection, maybe waiting on a busy account's row lock). The rest of the pool stays free for
-# settles and releases, so a burst of new requests can never starve the money that is due.
-_hold_admission = threading.BoundedSemaphore(settings.GATEWAY_MAX_CONCURRENT_HOLDS)
+T = TypeVar("T")
+
+_hold_threads = ThreadPoolExecutor(
+    settings.GATEWAY_MAX_CONCURRENT_HOLDS, thread_name_prefix="gateway-hold"
+)
+_settle_threads = ThreadPoolExecutor(
+    settings.GATEWAY_SETTLE_THREADS, thread_name_prefix="gateway-settle"
+)
+# Admission control: at most GATEWAY_MAX_CONCURRENT_HOLDS requests wait for or place a hold
+# at once (one per hold thread, maybe waiting on a busy account's row lock); the rest queue
+# here, on the loop, and get a 503 after GATEWAY_ADMISSION_TIMEOUT_SECONDS.
+_admission: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+def _admission_for_loop() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    if loop not in _admission:
+        _admission[loop] = asyncio.Semaphore(settings.GATEWAY_MAX_CONCURRENT_HOLDS)
+    return _admission[loop]
+
+
+async def _in_threads(executor: ThreadPoolExecutor, work: Callable[..., T], **kwargs: Any) -> T:
+    """Run sync database work in one of `executor`'s threads (its connection is given back
+    to the pool before the call returns)."""
+    return await sync_to_async(work, thread_sensitive=False, executor=executor)(**kwargs)
 
 
 @dataclass
@@ -82,18 +113,28 @@ class BilledRequest:
             metrics.TIME_TO_FIRST_BYTE.labels(self.adapter.endpoint).observe(elapsed)
 
 
-def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -> HttpResponseBase:
-    request_id: str = request._request.request_id  # type: ignore[attr-defined]
+async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpResponseBase:
+    request_id: str = request.request_id  # type: ignore[attr-defined]
     started = time.monotonic()
     now = timezone.now()
-    parsed = adapter.parse(request.data)
-    if not _hold_admission.acquire(timeout=settings.GATEWAY_ADMISSION_TIMEOUT_SECONDS):
+    secret = request_secret(request)
+    api_key = api_key_from_cache(secret=secret, now=now) or await _in_threads(
+        _hold_threads, _authenticate, secret=secret, now=now
+    )
+    parsed = adapter.parse(request_json(request))
+    admission = _admission_for_loop()
+    try:
+        async with asyncio.timeout(settings.GATEWAY_ADMISSION_TIMEOUT_SECONDS):
+            await admission.acquire()
+    except TimeoutError:
         metrics.HOLD_REFUSALS.labels("Overloaded").inc()
         raise GatewayError(
             503, "The gateway is overloaded; retry shortly.", "server_error", "overloaded"
-        )
+        ) from None
     try:
-        billed = _hold_for(
+        billed = await _in_threads(
+            _hold_threads,
+            _hold_for,
             request_id=request_id,
             adapter=adapter,
             parsed=parsed,
@@ -102,10 +143,7 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
             started=started,
         )
     finally:
-        _hold_admission.release()
-        # No DB connection is held while we wait on the upstream (or on admission): a few
-        # slow streams would otherwise exhaust the pool.
-        connection.close()
+        admission.release()
     context = billed.context
     url, headers, body = adapter.upstream_request(
         parsed,
@@ -121,16 +159,16 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
     )
     try:
         if parsed.stream:
-            call, state, first = async_to_sync(_stream_open)(billed, url, headers, body, timeout)
+            call, state, first = await _stream_open(billed, url, headers, body, timeout)
         else:
-            payload = async_to_sync(_call_json)(url, headers, body, timeout)
+            payload = await _call_json(url, headers, body, timeout)
     except UpstreamFailure as failure:
         # Nothing reached the client: the whole hold goes back, on every endpoint.
-        _release(billed, outcome=f"upstream_{failure.kind}")
+        await _release_protected(billed, outcome=f"upstream_{failure.kind}")
         metrics.UPSTREAM_ERRORS.labels("before_first_byte", failure.kind).inc()
         raise upstream_error(failure) from failure
     except BaseException:
-        _release(billed, outcome="gateway_error")
+        await _release_protected(billed, outcome="gateway_error")
         raise
 
     if parsed.stream:
@@ -145,10 +183,43 @@ def pipeline_run(*, request: Request, adapter: type[Adapter], api_key: ApiKey) -
     usage = adapter.usage_from_body(payload)
     if usage is None:
         usage = _estimated_usage(billed, reported=None, generated=adapter.texts_from_body(payload))
-    cost = _settle(billed, usage=usage, outcome="completed")
+    cost = await _settle_shielded(billed, usage=usage, outcome="completed")
     response = JsonResponse(adapter.with_cost(payload, usage=usage, cost=money_str(cost)))
     response["x-request-cost"] = money_str(cost)
     return response
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def request_json(request: HttpRequest) -> Any:
+    """The JSON body (strict: no NaN or Infinity), or a 400 / 415 GatewayError."""
+    content_type = request.content_type or "application/json"
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise GatewayError(
+            415,
+            "Send the body as application/json.",
+            "invalid_request_error",
+            "unsupported_media_type",
+        )
+    try:
+        return json.loads(request.body, parse_constant=_reject_constant)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise GatewayError(
+            400,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        ) from exc
+
+
+def _authenticate(*, secret: str, now: datetime) -> ApiKey:
+    """A key the cache did not know (sync, in a hold thread)."""
+    try:
+        return api_key_authenticate(secret=secret, now=now)
+    finally:
+        connection.close()
 
 
 def _hold_for(
@@ -160,7 +231,31 @@ def _hold_for(
     now: datetime,
     started: float,
 ) -> BilledRequest:
-    """Resolve model and price, estimate the worst case and place the hold."""
+    """Resolve model and price, estimate the worst case and place the hold (sync, in a hold
+    thread). No DB connection is kept while we wait on the upstream: a few slow streams would
+    otherwise exhaust the pool."""
+    try:
+        return _hold_place_for(
+            request_id=request_id,
+            adapter=adapter,
+            parsed=parsed,
+            api_key=api_key,
+            now=now,
+            started=started,
+        )
+    finally:
+        connection.close()
+
+
+def _hold_place_for(
+    *,
+    request_id: str,
+    adapter: type[Adapter],
+    parsed: ParsedRequest,
+    api_key: ApiKey,
+    now: datetime,
+    started: float,
+) -> BilledRequest:
     context = model_context_get(alias=parsed.model)
     try:
         price = price_select(context=context, api_key=api_key, at=now)
@@ -288,15 +383,31 @@ async def _settle_protected(
         else _estimated_usage(billed, reported=state.usage, generated=state.texts)
     )
     assert usage is not None
+    return usage, await _settle_shielded(billed, usage=usage, outcome=outcome)
+
+
+async def _settle_shielded(billed: BilledRequest, *, usage: Usage, outcome: str) -> Decimal:
+    """Settle in a settle thread; a cancellation (the client went away) cannot cut it short:
+    the settle runs to completion in its own task, and we wait for it."""
     task = asyncio.ensure_future(
-        sync_to_async(_settle, thread_sensitive=False)(billed, usage=usage, outcome=outcome)
+        _in_threads(_settle_threads, _settle, billed=billed, usage=usage, outcome=outcome)
     )
     try:
-        cost = await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
-        cost = await task
+        await task
         raise
-    return usage, cost
+
+
+async def _release_protected(billed: BilledRequest, *, outcome: str) -> None:
+    task = asyncio.ensure_future(
+        _in_threads(_settle_threads, _release, billed=billed, outcome=outcome)
+    )
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _estimated_usage(
@@ -316,8 +427,8 @@ def _estimated_usage(
     return Usage(input_tokens=billed.prompt_tokens, output_tokens=output, estimated=True)
 
 
-def _settle(billed: BilledRequest, *, usage: Usage, outcome: str) -> Decimal:
-    """Post the exact cost (sync, in a worker thread). Never raises for a DB failure: the
+def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
+    """Post the exact cost (sync, in a settle thread). Never raises for a DB failure: the
     settle is handed to the retry task instead, and the hold stays until it lands."""
     cost = billed.price.cost(usage)
     details = billed.details(outcome)
@@ -392,7 +503,7 @@ def _handoff(
     )
 
 
-def _release(billed: BilledRequest, *, outcome: str) -> None:
+def _release(*, billed: BilledRequest, outcome: str) -> None:
     try:
         hold_release(
             request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)

@@ -53,12 +53,13 @@ def model_context_forget(*, alias: str) -> None:
         _cache.pop(f"model:{alias}", None)
 
 
-def api_key_authenticate(*, secret: str, now: datetime) -> ApiKey:
-    """The active, unexpired key for `secret`, or a 401 GatewayError."""
+def _key_cache_key(secret: str) -> str:
     if not secret:
         raise GatewayError(401, "Missing API key.", "invalid_request_error", "missing_api_key")
-    digest = api_key_hash(secret)
-    api_key = _cached(f"key:{digest}", ApiKey.objects.filter(secret_hash=digest).first)
+    return f"key:{api_key_hash(secret)}"
+
+
+def _key_checked(api_key: ApiKey | None, *, now: datetime) -> ApiKey:
     if api_key is None:
         raise GatewayError(401, "Invalid API key.", "invalid_request_error", "invalid_api_key")
     if api_key.status != ApiKey.Status.ACTIVE:
@@ -70,6 +71,26 @@ def api_key_authenticate(*, secret: str, now: datetime) -> ApiKey:
             401, "This API key has expired.", "invalid_request_error", "invalid_api_key"
         )
     return api_key
+
+
+def api_key_authenticate(*, secret: str, now: datetime) -> ApiKey:
+    """The active, unexpired key for `secret`, or a 401 GatewayError."""
+    cache_key = _key_cache_key(secret)
+    digest = cache_key.removeprefix("key:")
+    return _key_checked(
+        _cached(cache_key, ApiKey.objects.filter(secret_hash=digest).first), now=now
+    )
+
+
+def api_key_from_cache(*, secret: str, now: datetime) -> ApiKey | None:
+    """api_key_authenticate without the database: None when this process has not seen the
+    key within the TTL (callable on the event loop)."""
+    cache_key = _key_cache_key(secret)
+    with _cache_lock:
+        api_key = _cache.get(cache_key, _MISSING)
+    if api_key is _MISSING:
+        return None
+    return _key_checked(api_key, now=now)
 
 
 @dataclass(frozen=True)

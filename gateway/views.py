@@ -1,4 +1,5 @@
-"""Thin DRF views: each endpoint is an adapter handed to the one pipeline."""
+"""Thin views. The completion endpoints are async Django views handing their adapter to the one
+pipeline (gateway/pipeline.py); the read endpoints are DRF views."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
-from django.http import HttpResponseBase, JsonResponse
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.utils import timezone
+from django.views import View
 from rest_framework import exceptions
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
@@ -22,11 +24,11 @@ from billing.models import ApiKey
 from billing.selectors import account_balance_get, account_entries, leg_as_json, usage_totals
 from gateway.auth import ApiKeyAuthentication
 from gateway.errors import (
-    ANTHROPIC,
     OPENAI,
     GatewayError,
     error_body,
     error_from_billing,
+    error_response,
     invalid_param,
 )
 from gateway.middleware import too_large
@@ -90,11 +92,19 @@ class GatewayView(APIView):
         return self.request.auth  # type: ignore[return-value]
 
 
-class CompletionView(GatewayView):
+class CompletionView(View):
+    http_method_names = ["post"]
     adapter: type[Adapter]
 
-    def post(self, request: Request) -> HttpResponseBase:
-        return pipeline_run(request=request, adapter=self.adapter, api_key=self.api_key)
+    async def post(self, request: HttpRequest) -> HttpResponseBase:
+        try:
+            return await pipeline_run(request=request, adapter=self.adapter)
+        except Exception as exc:
+            error = gateway_error(exc)
+            response = error_response(error, self.adapter.style)
+            if error.status == 401:
+                response["WWW-Authenticate"] = "Bearer"
+            return response
 
 
 class ChatCompletionsView(CompletionView):
@@ -103,7 +113,6 @@ class ChatCompletionsView(CompletionView):
 
 class MessagesView(CompletionView):
     adapter = AnthropicMessages
-    style = ANTHROPIC
 
 
 class ModelsView(GatewayView):
