@@ -172,6 +172,30 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def proc_tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live descendants (uvicorn's worker processes)."""
+    total = proc_cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += proc_tree_cpu_seconds(int(child))
+    return total
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of the local PostgreSQL server processes alive now (backends that exited during
+    a measurement are missed, so this is a lower bound; the pool keeps its backends alive)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() in ("postgres", "postmaster"):
+                total += proc_cpu_seconds(int(proc.name))
+        except OSError:
+            continue
+    return total
+
+
 def proc_threads(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Threads:"):
@@ -244,8 +268,11 @@ class Gateway:
                 self.process.wait()
 
 
-def start_gateway(database_url: str = BENCH_DATABASE_URL, **extra_env: str) -> Gateway:
-    """One uvicorn worker process (uvloop, httptools, no access log) on a free port."""
+def start_gateway(
+    database_url: str = BENCH_DATABASE_URL, workers: int = 1, **extra_env: str
+) -> Gateway:
+    """uvicorn with `workers` worker processes (uvloop, httptools, no access log) on a free
+    port. With one worker, uvicorn serves in the process it starts (the pid to profile)."""
     port = free_port()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     log_path = RESULTS_DIR / f"gateway-{port}.log"
@@ -261,7 +288,7 @@ def start_gateway(database_url: str = BENCH_DATABASE_URL, **extra_env: str) -> G
                 "--port",
                 str(port),
                 "--workers",
-                "1",
+                str(workers),
                 "--loop",
                 "uvloop",
                 "--http",

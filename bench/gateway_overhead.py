@@ -1,9 +1,10 @@
 """Gateway overhead: the shipped mock upstream hit directly and through the gateway, in one run.
 
     .venv/bin/python -m bench.gateway_overhead [--requests-c1 500] [--requests-c32 4000]
-        [--warmup 200] [--anthropic] [--profile]
+        [--warmup 200] [--workers 1] [--anthropic] [--profile]
 
-Starts the mock upstream (its own process) and one uvicorn worker process serving
+Starts the mock upstream (its own process) and uvicorn (one worker process unless --workers)
+serving
 config.asgi:application (uvloop, httptools, no access log, production settings, LOG_LEVEL=WARNING)
 against a freshly migrated PostgreSQL database (BENCH_DATABASE_URL, default billing_bench).
 The load generator (bench/loadgen.py, aiohttp) runs in a third process on loopback.
@@ -152,10 +153,13 @@ def main() -> None:
     parser.add_argument("--requests-c1", type=int, default=500)
     parser.add_argument("--requests-c32", type=int, default=4000)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--anthropic", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-seconds", type=int, default=20)
     args = parser.parse_args()
+    if args.profile and args.workers != 1:
+        parser.error("--profile samples one process: use it with --workers 1")
 
     print("resetting the bench database ...", flush=True)
     common.database_reset()
@@ -164,10 +168,10 @@ def main() -> None:
     keys = common.gateway_seed(mock=mock, accounts=33)
     spread_keys = [k[1] for k in keys[:32]]
     hot_key = keys[32][1]
-    gateway = common.start_gateway()
+    gateway = common.start_gateway(workers=args.workers)
     print(
         f"mock {mock.url} (pid {mock.process.pid}); gateway {gateway.url} "
-        f"(1 uvicorn worker process, pid {gateway.pid})",
+        f"({args.workers} uvicorn worker process(es), pid {gateway.pid})",
         flush=True,
     )
 
@@ -190,7 +194,8 @@ def main() -> None:
                 )
                 run_keys = [hot_key] if sc.get("hot") else spread_keys[: max(1, sc["accounts"])]
                 model = common.BENCH_ANTHROPIC_MODEL if anthropic else common.BENCH_MODEL
-            cpu_before = common.proc_cpu_seconds(gateway.pid)
+            cpu_before = common.proc_tree_cpu_seconds(gateway.pid)
+            postgres_before = common.postgres_cpu_seconds()
             out = common.run_load(
                 {
                     "url": url,
@@ -203,12 +208,13 @@ def main() -> None:
                     "warmup": args.warmup if sc["concurrency"] > 1 else args.warmup // 4,
                 }
             )
-            gateway_cpu = common.proc_cpu_seconds(gateway.pid) - cpu_before
+            gateway_cpu = common.proc_tree_cpu_seconds(gateway.pid) - cpu_before
+            postgres_cpu = common.postgres_cpu_seconds() - postgres_before
             if sc["target"] == "gateway":
                 billed_expected += out["ok"] + out["warmup_ok"]
-                out["gateway_cpu_ms_per_request"] = (
-                    1000 * gateway_cpu / max(1, out["ok"] + out["warmup_ok"])
-                )
+                served = max(1, out["ok"] + out["warmup_ok"])
+                out["gateway_cpu_ms_per_request"] = 1000 * gateway_cpu / served
+                out["postgres_cpu_ms_per_request"] = 1000 * postgres_cpu / served
             results.append({**sc, **out})
             print(
                 f"  {sc['name']:<34} {out['rps']:8.0f} req/s  p50 {out['p50_ms']:7.2f} ms  "
@@ -252,11 +258,14 @@ def main() -> None:
                 f"{r['gateway_cpu_ms_per_request']:.2f}"
                 if "gateway_cpu_ms_per_request" in r
                 else "-",
+                f"{r['postgres_cpu_ms_per_request']:.2f}"
+                if "postgres_cpu_ms_per_request" in r
+                else "-",
             ]
         )
     common.print_table(
-        "Gateway overhead (1 uvicorn worker process; mock upstream and load generator in their "
-        "own processes)",
+        f"Gateway overhead ({args.workers} uvicorn worker process(es); mock upstream and load "
+        "generator in their own processes; gw cpu summed over the gateway's processes)",
         [
             "scenario",
             "ok",
@@ -268,6 +277,7 @@ def main() -> None:
             "p50 g/d",
             "p50 +ms",
             "gw cpu ms/req",
+            "pg cpu ms/req",
         ],
         rows,
     )
