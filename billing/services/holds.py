@@ -37,6 +37,7 @@ from billing.services.ledger import (
     request_idempotency_key,
     system_account_id,
 )
+from billing.sql import sql_rows
 
 
 @dataclass(frozen=True)
@@ -185,20 +186,18 @@ def _hold_place(
     budgeted = api_key.budget_limit is not None and bool(api_key.budget_period)
     expires_at = now + timedelta(seconds=ttl)
     if not budgeted and connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _HOLD_PLACE_SQL,
-                {
-                    "amount": to_units(amount),
-                    "account_id": api_key.account_id,
-                    "request_id": request_id,
-                    "api_key_id": api_key.pk,
-                    "model_alias": model_alias,
-                    "now": now,
-                    "expires_at": expires_at,
-                },
-            )
-            hold_id, placed = cursor.fetchone()
+        [(hold_id, placed)] = sql_rows(
+            _HOLD_PLACE_SQL,
+            {
+                "amount": to_units(amount),
+                "account_id": api_key.account_id,
+                "request_id": request_id,
+                "api_key_id": api_key.pk,
+                "model_alias": model_alias,
+                "now": now,
+                "expires_at": expires_at,
+            },
+        )
         if not placed:
             raise _hold_refusal(api_key=api_key, amount=amount)
         hold = Hold(
@@ -380,7 +379,8 @@ def hold_settle(
 # in two round trips instead of seven: lock the hold, then write the posting, its legs, the hold's
 # resolution, the usage record and the account's balance and held in one statement. Everything
 # it writes was decided in Python under the hold's lock, exactly as hold_charge decides it; any
-# other case (replay, late, released, budgeted) takes the ORM path below.
+# other case (replay, late, released, budgeted) takes the ORM path below. Casts are for the
+# server-side binding of billing/sql.py (a NULL parameter has no type of its own).
 _SETTLE_LOCK_SQL = """
 SELECT id, account_id, api_key_id, model_alias, amount, created_at, expires_at
 FROM billing_hold
@@ -399,9 +399,9 @@ WITH txn AS (
     RETURNING id
 ), legs AS (
     INSERT INTO billing_ledgerleg (transaction_id, account_id, amount)
-    SELECT id, %(account_id)s, -%(cost)s FROM txn
+    SELECT id, %(account_id)s::bigint, -%(cost)s::bigint FROM txn
     UNION ALL
-    SELECT id, %(revenue_id)s, %(cost)s FROM txn
+    SELECT id, %(revenue_id)s::bigint, %(cost)s::bigint FROM txn
 ), resolved AS (
     UPDATE billing_hold
     SET state = 'settled', resolved_at = %(now)s, settled_amount = %(cost)s,
@@ -412,10 +412,10 @@ WITH txn AS (
         stream, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
         reasoning_tokens, estimated, cost, status, outcome, started_at, first_byte_ms,
         duration_ms, created_at)
-    SELECT %(request_id)s, %(account_id)s, %(api_key_id)s, %(model_alias)s, %(endpoint)s,
+    SELECT %(request_id)s, %(account_id)s, %(api_key_id)s::bigint, %(model_alias)s, %(endpoint)s,
         %(stream)s, %(input_tokens)s, %(cached_input_tokens)s, %(cache_write_tokens)s,
         %(output_tokens)s, %(reasoning_tokens)s, %(estimated)s, %(cost)s, 'settled', %(outcome)s,
-        %(started_at)s, %(first_byte_ms)s, %(duration_ms)s, %(now)s
+        %(started_at)s, %(first_byte_ms)s::integer, %(duration_ms)s::integer, %(now)s
     WHERE %(record_usage)s
 ), account AS (
     UPDATE billing_account SET balance = balance - %(cost)s, held = held - %(amount)s
@@ -435,68 +435,65 @@ def _hold_settle_common(
 ) -> SettleResult | None:
     """The common settle in one statement, or None when the hold needs the general path.
     Inner: runs in hold_settle's transaction."""
-    with connection.cursor() as cursor:
-        cursor.execute(_SETTLE_LOCK_SQL, {"request_id": request_id})
-        row = cursor.fetchone()
-        if row is None:
-            return None
-        hold_id, account_id, api_key_id, model_alias, amount_units, created_at, expires_at = row
-        hold = Hold(
-            pk=hold_id,
-            request_id=request_id,
-            account_id=account_id,
-            api_key_id=api_key_id,
-            model_alias=model_alias,
-            amount=from_units(amount_units),
-            budgeted=False,
-            state=Hold.State.SETTLED,
-            created_at=created_at,
-            expires_at=expires_at,
-            resolved_at=now,
-            settled_amount=cost,
-            is_overrun=cost > from_units(amount_units),
-            is_late=now >= expires_at,
-        )
-        hold._state.adding = False
-        hold._state.db = connection.alias
-        posting = usage_posting(hold=hold, cost=cost, now=now, is_late=hold.is_late)
-        if cost > 0:
-            posting_validate(posting)
-        usage = usage or Usage()
-        cursor.execute(
-            _SETTLE_WRITE_SQL,
-            {
-                "hold_id": hold_id,
-                "request_id": request_id,
-                "account_id": account_id,
-                "api_key_id": api_key_id,
-                "model_alias": model_alias,
-                "amount": amount_units,
-                "cost": to_units(cost),
-                "now": now,
-                "created_at": created_at,
-                "is_overrun": hold.is_overrun,
-                "is_late": hold.is_late,
-                "idempotency_key": posting.idempotency_key,
-                "content_hash": posting.content_hash,
-                "revenue_id": system_account_id(Account.Kind.REVENUE),
-                "record_usage": details is not None,
-                "endpoint": details.endpoint if details else "",
-                "stream": details.stream if details else False,
-                "outcome": details.outcome if details else "",
-                "started_at": details.started_at if details else now,
-                "first_byte_ms": details.first_byte_ms if details else None,
-                "duration_ms": details.duration_ms if details else None,
-                "input_tokens": usage.input_tokens,
-                "cached_input_tokens": usage.cached_input_tokens,
-                "cache_write_tokens": usage.cache_write_tokens,
-                "output_tokens": usage.output_tokens,
-                "reasoning_tokens": usage.reasoning_tokens,
-                "estimated": usage.estimated,
-            },
-        )
-        posted = cursor.fetchone()
-    hold.transaction_id = posted[0] if posted else None
+    locked = sql_rows(_SETTLE_LOCK_SQL, {"request_id": request_id})
+    if not locked:
+        return None
+    [(hold_id, account_id, api_key_id, model_alias, amount_units, created_at, expires_at)] = locked
+    hold = Hold(
+        pk=hold_id,
+        request_id=request_id,
+        account_id=account_id,
+        api_key_id=api_key_id,
+        model_alias=model_alias,
+        amount=from_units(amount_units),
+        budgeted=False,
+        state=Hold.State.SETTLED,
+        created_at=created_at,
+        expires_at=expires_at,
+        resolved_at=now,
+        settled_amount=cost,
+        is_overrun=cost > from_units(amount_units),
+        is_late=now >= expires_at,
+    )
+    hold._state.adding = False
+    hold._state.db = connection.alias
+    posting = usage_posting(hold=hold, cost=cost, now=now, is_late=hold.is_late)
+    if cost > 0:
+        posting_validate(posting)
+    usage = usage or Usage()
+    posted = sql_rows(
+        _SETTLE_WRITE_SQL,
+        {
+            "hold_id": hold_id,
+            "request_id": request_id,
+            "account_id": account_id,
+            "api_key_id": api_key_id,
+            "model_alias": model_alias,
+            "amount": amount_units,
+            "cost": to_units(cost),
+            "now": now,
+            "created_at": created_at,
+            "is_overrun": hold.is_overrun,
+            "is_late": hold.is_late,
+            "idempotency_key": posting.idempotency_key,
+            "content_hash": posting.content_hash,
+            "revenue_id": system_account_id(Account.Kind.REVENUE),
+            "record_usage": details is not None,
+            "endpoint": details.endpoint if details else "",
+            "stream": details.stream if details else False,
+            "outcome": details.outcome if details else "",
+            "started_at": details.started_at if details else now,
+            "first_byte_ms": details.first_byte_ms if details else None,
+            "duration_ms": details.duration_ms if details else None,
+            "input_tokens": usage.input_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "output_tokens": usage.output_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "estimated": usage.estimated,
+        },
+    )
+    hold.transaction_id = posted[0][0] if posted else None
     return SettleResult(hold=hold, cost=cost, transaction_id=hold.transaction_id)
 
 

@@ -150,3 +150,31 @@ def test_one_statement_settle_replays_and_conflicts_like_the_general_path(
     assert LedgerTransaction.objects.filter(request_id="r1").count() == 1
     account.refresh_from_db()
     assert (account.balance, account.held) == (D("9.25"), D(0))
+
+
+def test_one_statement_settle_writes_null_timings_and_skips_the_record_without_details(
+    postgres_only: None, account: Account, issued_key: Any, now: datetime
+) -> None:
+    key = issued_key.api_key
+    for request_id in ("no-first-byte", "no-details"):
+        hold_place(api_key=key, request_id=request_id, amount=D("1"), now=now, ttl_seconds=TTL)
+    hold_settle(
+        request_id="no-first-byte",
+        cost=D("0.1"),
+        now=now,
+        usage=Usage(input_tokens=5),
+        details=RequestDetails(endpoint="messages", started_at=now, outcome="upstream_timeout"),
+    )
+    hold_settle(request_id="no-details", cost=D("0.2"), now=now)
+
+    record = UsageRecord.objects.get(request_id="no-first-byte")
+    assert (record.first_byte_ms, record.duration_ms, record.outcome) == (
+        None,
+        None,
+        "upstream_timeout",
+    )
+    assert record.api_key_id == key.pk and record.cost == D("0.1")
+    assert not UsageRecord.objects.filter(request_id="no-details").exists()
+    account.refresh_from_db()
+    assert (account.balance, account.held) == (D("9.7"), D(0))
+    assert ledger_audit().clean
