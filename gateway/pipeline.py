@@ -380,7 +380,7 @@ async def _settle_protected(
     usage = (
         state.usage
         if complete
-        else _estimated_usage(billed, reported=state.usage, generated=state.texts)
+        else _estimated_usage(billed, reported=state.usage, generated=state.generated_texts())
     )
     assert usage is not None
     return usage, await _settle_shielded(billed, usage=usage, outcome=outcome)

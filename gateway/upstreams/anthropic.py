@@ -63,15 +63,16 @@ class AnthropicStreamState(StreamState):
         name, data = sse_fields(event)
         if not data:
             return event
+        if name == "content_block_delta":
+            # Text only (usage and errors come in other events): relay it unparsed.
+            self.unparsed.append(data)
+            return event
         payload = json.loads(data)
         kind = payload.get("type") or name
         if kind == "message_start":
             self.usage = anthropic_usage((payload.get("message") or {}).get("usage"), self.usage)
         elif kind == "content_block_delta":
-            delta = payload.get("delta") or {}
-            text = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
-            if text:
-                self.texts.append(text)
+            self.texts.extend(self.content_texts(payload))
         elif kind == "message_delta":
             self.usage = anthropic_usage(payload.get("usage"), self.usage)
             self.message_delta = payload
@@ -82,6 +83,11 @@ class AnthropicStreamState(StreamState):
         elif kind == "error":
             raise UpstreamFailure("protocol", "the upstream sent an error event")
         return event
+
+    def content_texts(self, payload: dict[str, Any]) -> list[str]:
+        delta = payload.get("delta") or {}
+        text = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
+        return [text] if text else []
 
     def closing(self, *, usage: Usage, cost: Decimal) -> bytes:
         delta = self.message_delta or {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -90,6 +91,9 @@ class StreamState:
     parsed: ParsedRequest
     usage: Usage | None = None
     texts: list[str] = field(default_factory=list)
+    # Content events relayed as bytes without parsing them: their text is only needed when the
+    # usage has to be estimated (the stream broke, or the provider reported none).
+    unparsed: list[bytes] = field(default_factory=list)
     finished: bool = False  # the provider's own end marker arrived
 
     def feed(self, event: bytes) -> bytes | None:  # pragma: no cover - abstract
@@ -98,8 +102,18 @@ class StreamState:
     def closing(self, *, usage: Usage, cost: Decimal) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def content_texts(self, payload: dict[str, Any]) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def generated_texts(self) -> list[str]:
+        """Every generated text so far, parsing the events relayed unparsed."""
+        for data in self.unparsed:
+            self.texts.extend(self.content_texts(json.loads(data)))
+        self.unparsed.clear()
+        return self.texts
+
     def generated_tokens(self) -> int:
-        return sum(text_tokens(text) for text in self.texts)
+        return sum(text_tokens(text) for text in self.generated_texts())
 
 
 class Adapter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -52,6 +53,11 @@ def openai_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
     }
 
 
+# A chunk whose "usage" is present and not null (with include_usage, every chunk has
+# "usage": null until the last one).
+_CARRIES_USAGE = re.compile(rb'"usage"\s*:(?!\s*null)')
+
+
 class OpenAIStreamState(StreamState):
     usage_chunk: dict[str, Any] | None = None
 
@@ -62,6 +68,10 @@ class OpenAIStreamState(StreamState):
             return None
         if not data:
             return event
+        if b'"error"' not in data and not _CARRIES_USAGE.search(data):
+            # A plain content chunk (JSON-escaped text cannot match either key): relay it.
+            self.unparsed.append(data)
+            return event
         chunk = json.loads(data)
         if "error" in chunk and "choices" not in chunk:
             from gateway.upstreams.client import UpstreamFailure
@@ -71,15 +81,20 @@ class OpenAIStreamState(StreamState):
         if usage:
             self.usage = openai_usage(usage)
         choices = chunk.get("choices") or []
-        for choice in choices:
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                self.texts.append(content)
+        self.texts.extend(self.content_texts(chunk))
         if usage and not choices:
             # The usage chunk goes out after the settle, with its cost (or not at all).
             self.usage_chunk = chunk
             return None
         return event
+
+    def content_texts(self, payload: dict[str, Any]) -> list[str]:
+        texts = []
+        for choice in payload.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                texts.append(content)
+        return texts
 
     def closing(self, *, usage: Usage, cost: Decimal) -> bytes:
         parts = []
