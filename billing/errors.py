@@ -20,6 +20,15 @@ class AccountInactive(BillingError):
         self.status = status
 
 
+class ApiKeyInactive(BillingError):
+    """The key was revoked or expired (checked by the hold itself, in the same statement)."""
+
+    def __init__(self, *, api_key_id: int, reason: str) -> None:
+        super().__init__(f"API key {api_key_id} is {reason}")
+        self.api_key_id = api_key_id
+        self.reason = reason
+
+
 class InsufficientFunds(BillingError):
     def __init__(self, *, account_id: int, amount: Decimal) -> None:
         super().__init__(f"account {account_id} cannot cover {amount} USD")

@@ -183,9 +183,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = min(
     env_int("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 600), max(1, BILLING_HOLD_TTL_SECONDS - 30)
 )
-# Keys, routes and tariffs are cached per process this long: a revoked key is refused
-# everywhere within a second.
+# Routes and tariffs are cached per process this long: a change is seen everywhere within it.
 GATEWAY_CACHE_TTL_SECONDS = 1.0
+# API keys may be cached longer (gateway/selectors.py): every hold re-checks its key in its own
+# statement, so a revoked key is refused at once whatever the cache says.
+GATEWAY_KEY_CACHE_TTL_SECONDS = float(env_str("GATEWAY_KEY_CACHE_TTL_SECONDS", "10"))
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 

@@ -21,9 +21,13 @@ def request_secret(request: HttpRequest | Request) -> str:
 
 class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[None, ApiKey]:
-        # Raises a 401 GatewayError; every gateway request must carry a key.
+        # Raises a 401 GatewayError; every gateway request must carry a key. Uncached: these
+        # read endpoints have no hold to re-check a key revoked a moment ago.
         try:
-            return None, api_key_authenticate(secret=request_secret(request), now=timezone.now())
+            api_key = api_key_authenticate(
+                secret=request_secret(request), now=timezone.now(), cached=False
+            )
+            return None, api_key
         finally:
             # A key lookup (on a cache miss) must not keep its pooled connection while this
             # request waits for admission to place its hold.

@@ -8,6 +8,7 @@ from django.http import JsonResponse
 
 from billing.errors import (
     AccountInactive,
+    ApiKeyInactive,
     BillingError,
     BudgetExceeded,
     IdempotencyConflict,
@@ -77,6 +78,10 @@ def error_response(error: GatewayError, style: str, request_id: str | None = Non
 
 
 def error_from_billing(exc: BillingError) -> GatewayError:
+    if isinstance(exc, ApiKeyInactive):
+        return GatewayError(
+            401, f"This API key is {exc.reason}.", "invalid_request_error", "invalid_api_key"
+        )
     if isinstance(exc, InsufficientFunds):
         return GatewayError(
             402,

@@ -1,7 +1,11 @@
-"""Per-request reads, cached in-process for GATEWAY_CACHE_TTL_SECONDS (1 s).
+"""Per-request reads, cached in-process.
 
-A revoked key or a changed route or tariff is therefore seen by every process within a second;
-the hold itself is always checked against the database.
+Routes and tariffs are cached for GATEWAY_CACHE_TTL_SECONDS (1 s): a changed route or price is
+seen by every process within a second. API keys are cached for GATEWAY_KEY_CACHE_TTL_SECONDS
+(10 s) for the completion endpoints, because the hold re-checks the key in its own statement:
+a revoked or expired key is refused at once, and a key that gained a budget has its holds
+counted. (A changed purpose or completion window prices requests within the TTL.) The read
+endpoints look keys up uncached. The hold itself is always checked against the database.
 """
 
 from __future__ import annotations
@@ -34,16 +38,19 @@ _MISSING = object()
 # A plain in-process TTL map: values are shared read-only objects, never pickled per read
 # (Django's LocMemCache pickles on every get, a measurable share of a request's CPU).
 _cache: TTLCache[str, Any] = TTLCache(maxsize=100_000, ttl=settings.GATEWAY_CACHE_TTL_SECONDS)
+_key_cache: TTLCache[str, Any] = TTLCache(
+    maxsize=100_000, ttl=settings.GATEWAY_KEY_CACHE_TTL_SECONDS
+)
 _cache_lock = threading.Lock()
 
 
-def _cached(key: str, load: Callable[[], Any]) -> Any:
+def _cached(key: str, load: Callable[[], Any], cache: TTLCache[str, Any] = _cache) -> Any:
     with _cache_lock:
-        value = _cache.get(key, _MISSING)
+        value = cache.get(key, _MISSING)
     if value is _MISSING:
         value = load()
         with _cache_lock:
-            _cache[key] = value
+            cache[key] = value
     return value
 
 
@@ -53,10 +60,10 @@ def model_context_forget(*, alias: str) -> None:
         _cache.pop(f"model:{alias}", None)
 
 
-def _key_cache_key(secret: str) -> str:
+def _key_digest(secret: str) -> str:
     if not secret:
         raise GatewayError(401, "Missing API key.", "invalid_request_error", "missing_api_key")
-    return f"key:{api_key_hash(secret)}"
+    return api_key_hash(secret)
 
 
 def _key_checked(api_key: ApiKey | None, *, now: datetime) -> ApiKey:
@@ -73,21 +80,19 @@ def _key_checked(api_key: ApiKey | None, *, now: datetime) -> ApiKey:
     return api_key
 
 
-def api_key_authenticate(*, secret: str, now: datetime) -> ApiKey:
+def api_key_authenticate(*, secret: str, now: datetime, cached: bool = True) -> ApiKey:
     """The active, unexpired key for `secret`, or a 401 GatewayError."""
-    cache_key = _key_cache_key(secret)
-    digest = cache_key.removeprefix("key:")
-    return _key_checked(
-        _cached(cache_key, ApiKey.objects.filter(secret_hash=digest).first), now=now
-    )
+    digest = _key_digest(secret)
+    load = ApiKey.objects.filter(secret_hash=digest).first
+    return _key_checked(_cached(digest, load, _key_cache) if cached else load(), now=now)
 
 
 def api_key_from_cache(*, secret: str, now: datetime) -> ApiKey | None:
     """api_key_authenticate without the database: None when this process has not seen the
     key within the TTL (callable on the event loop)."""
-    cache_key = _key_cache_key(secret)
+    digest = _key_digest(secret)
     with _cache_lock:
-        api_key = _cache.get(cache_key, _MISSING)
+        api_key = _key_cache.get(digest, _MISSING)
     if api_key is _MISSING:
         return None
     return _key_checked(api_key, now=now)

@@ -13,12 +13,12 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Case, F, OuterRef, Q, Subquery, Sum, When
+from django.db.models import Case, Exists, F, OuterRef, Q, Subquery, Sum, When
 
 from billing.errors import (
     AccountInactive,
     AccountNotFound,
-    BillingError,
+    ApiKeyInactive,
     BudgetExceeded,
     HoldAlreadyResolved,
     HoldNotFound,
@@ -126,15 +126,27 @@ def hold_place(
         raise InvalidAmount("a hold must be positive")
     ttl = ttl_seconds if ttl_seconds is not None else settings.BILLING_HOLD_TTL_SECONDS
     try:
-        with transaction.atomic(durable=True):
-            return _hold_place(
-                api_key=api_key,
-                request_id=request_id,
-                amount=amount,
-                now=now,
-                model_alias=model_alias,
-                ttl=ttl,
-            )
+        try:
+            with transaction.atomic(durable=True):
+                return _hold_place(
+                    api_key=api_key,
+                    request_id=request_id,
+                    amount=amount,
+                    now=now,
+                    model_alias=model_alias,
+                    ttl=ttl,
+                )
+        except _KeyGainedBudget as changed:
+            # The caller's copy of the key (the gateway caches keys) predates its budget.
+            with transaction.atomic(durable=True):
+                return _hold_place(
+                    api_key=changed.api_key,
+                    request_id=request_id,
+                    amount=amount,
+                    now=now,
+                    model_alias=model_alias,
+                    ttl=ttl,
+                )
     except IntegrityError:
         # The request id is taken: a retry gets the original hold back (it fails on the
         # unique index before any balance check, so even a now-exhausted account replays).
@@ -150,8 +162,10 @@ def hold_place(
 
 # The common hold on PostgreSQL (a key without a budget) in one statement, in the same order as
 # the ORM path: the hold row first (a taken request id fails here, before any balance), then the
-# conditional UPDATE, which is the check. If it matches no row the caller raises and the
-# transaction, hold row included, rolls back.
+# conditional UPDATE, which is the check (the account's funds and status, and the key's status:
+# a key revoked a moment ago is refused here, whatever the gateway's key cache says, and a key
+# that gained a budget since the caller read it is placed again with its budget). If it
+# matches no row the caller raises and the transaction, hold row included, rolls back.
 _HOLD_PLACE_SQL = """
 WITH new_hold AS (
     INSERT INTO billing_hold (request_id, account_id, api_key_id, model_alias, amount, budgeted,
@@ -164,14 +178,40 @@ WITH new_hold AS (
     WHERE id = %(account_id)s AND kind = 'customer' AND status = 'active'
       AND balance >= held + %(amount)s - overdraft
       AND EXISTS (SELECT 1 FROM new_hold)
+      AND EXISTS (SELECT 1 FROM billing_apikey
+                  WHERE id = %(api_key_id)s AND status = 'active'
+                    AND (expires_at IS NULL OR expires_at > %(now)s)
+                    AND (budget_limit IS NULL OR budget_period = ''))
     RETURNING id
 )
 SELECT (SELECT id FROM new_hold), EXISTS (SELECT 1 FROM placed)
 """
 
 
-def _hold_refusal(*, api_key: ApiKey, amount: Decimal) -> BillingError:
+class _KeyGainedBudget(Exception):
+    """A hold for a key believed budget-free found a budget on it: place it again with this."""
+
+    def __init__(self, api_key: ApiKey) -> None:
+        self.api_key = api_key
+
+
+def _key_usable(*, api_key_id: int, now: datetime, budgeted: bool) -> Q:
+    usable = Q(pk=api_key_id, status=ApiKey.Status.ACTIVE) & (
+        Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+    )
+    # A key still without a budget, as the caller believed: else its holds must count.
+    return usable if budgeted else usable & (Q(budget_limit__isnull=True) | Q(budget_period=""))
+
+
+def _hold_refusal(*, api_key: ApiKey, amount: Decimal, now: datetime) -> Exception:
     """Why a hold's conditional UPDATE matched no row (read only on this error path)."""
+    key = ApiKey.objects.filter(pk=api_key.pk).first()
+    if key is None or key.status != ApiKey.Status.ACTIVE:
+        return ApiKeyInactive(api_key_id=api_key.pk, reason=key.status if key else "missing")
+    if key.expires_at is not None and key.expires_at <= now:
+        return ApiKeyInactive(api_key_id=api_key.pk, reason="expired")
+    if _is_budgeted(key) and not _is_budgeted(api_key):
+        return _KeyGainedBudget(key)
     status = Account.objects.filter(pk=api_key.account_id).values_list("status", flat=True).first()
     if status is None:
         return AccountNotFound(f"no account {api_key.account_id}")
@@ -180,10 +220,14 @@ def _hold_refusal(*, api_key: ApiKey, amount: Decimal) -> BillingError:
     return InsufficientFunds(account_id=api_key.account_id, amount=amount)
 
 
+def _is_budgeted(api_key: ApiKey) -> bool:
+    return api_key.budget_limit is not None and bool(api_key.budget_period)
+
+
 def _hold_place(
     *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
 ) -> Hold:
-    budgeted = api_key.budget_limit is not None and bool(api_key.budget_period)
+    budgeted = _is_budgeted(api_key)
     expires_at = now + timedelta(seconds=ttl)
     if not budgeted and connection.vendor == "postgresql":
         [(hold_id, placed)] = sql_rows(
@@ -199,7 +243,7 @@ def _hold_place(
             },
         )
         if not placed:
-            raise _hold_refusal(api_key=api_key, amount=amount)
+            raise _hold_refusal(api_key=api_key, amount=amount, now=now)
         hold = Hold(
             pk=hold_id,
             request_id=request_id,
@@ -229,13 +273,16 @@ def _hold_place(
     )
     # The conditional UPDATE is the check: no read-then-write race.
     placed = Account.objects.filter(
+        Exists(
+            ApiKey.objects.filter(_key_usable(api_key_id=api_key.pk, now=now, budgeted=budgeted))
+        ),
         pk=api_key.account_id,
         kind=Account.Kind.CUSTOMER,
         status=Account.Status.ACTIVE,
         balance__gte=F("held") + money_value(amount) - F("overdraft"),
     ).update(held=F("held") + money_value(amount))
     if not placed:
-        raise _hold_refusal(api_key=api_key, amount=amount)
+        raise _hold_refusal(api_key=api_key, amount=amount, now=now)
 
     if budgeted:
         start = budget_period_start(period=api_key.budget_period, now=now)

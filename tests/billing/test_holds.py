@@ -9,6 +9,7 @@ import pytest
 
 from billing.errors import (
     AccountInactive,
+    ApiKeyInactive,
     BudgetExceeded,
     HoldAlreadyResolved,
     HoldNotFound,
@@ -379,3 +380,45 @@ def test_place_replay_with_other_amount_is_a_conflict(
     with pytest.raises(IdempotencyConflict):
         place(key, "r1", "3", now)
     assert balances(account) == (D(10), D(2))
+
+
+# --- the key, re-checked by the hold (callers such as the gateway cache keys) ----------------
+
+
+@pytest.mark.parametrize("budgeted", [False, True], ids=["one_statement", "orm_path"])
+@pytest.mark.parametrize("change", ["revoked", "expired"])
+def test_hold_with_a_stale_copy_of_a_revoked_or_expired_key_is_refused_without_trace(
+    account: Account, now: datetime, budgeted: bool, change: str
+) -> None:
+    options = {"budget_limit": D("5"), "budget_period": "day"} if budgeted else {}
+    stale = make_key(account=account, now=now, **options).api_key  # the caller's cached copy
+    if change == "revoked":
+        ApiKey.objects.filter(pk=stale.pk).update(status=ApiKey.Status.REVOKED)
+    else:
+        ApiKey.objects.filter(pk=stale.pk).update(expires_at=now)
+
+    with pytest.raises(ApiKeyInactive):
+        place(stale, "r1", "1", now)
+
+    assert balances(account) == (D(10), D(0))
+    assert not Hold.objects.exists()
+    stale.refresh_from_db()
+    assert stale.budget_held == 0
+
+
+def test_hold_with_a_stale_copy_of_a_key_that_gained_a_budget_counts_against_it(
+    account: Account, key: ApiKey, now: datetime
+) -> None:
+    ApiKey.objects.filter(pk=key.pk).update(budget_limit=D("1.5"), budget_period="day")
+
+    hold = place(key, "r1", "1", now)  # `key` still says: no budget
+    with pytest.raises(BudgetExceeded):
+        place(key, "r2", "1", now)
+
+    assert hold.budgeted
+    fresh = ApiKey.objects.get(pk=key.pk)
+    assert fresh.budget_held == D("1")
+    assert balances(account) == (D(10), D(1))
+    hold_settle(request_id="r1", cost=D("0.4"), now=now)
+    fresh.refresh_from_db()
+    assert (fresh.budget_held, fresh.budget_spent) == (D(0), D("0.4"))
