@@ -15,6 +15,7 @@ is handed to the retry task; the hold stays until it is settled or expires into 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -74,10 +75,17 @@ def _admission_for_loop() -> asyncio.Semaphore:
     return _admission[loop]
 
 
+@functools.cache
+def _threaded(work: Callable[..., Any], executor: ThreadPoolExecutor) -> Callable[..., Any]:
+    # Built once per function: sync_to_async inspects its function on every construction.
+    return sync_to_async(work, thread_sensitive=False, executor=executor)
+
+
 async def _in_threads(executor: ThreadPoolExecutor, work: Callable[..., T], **kwargs: Any) -> T:
     """Run sync database work in one of `executor`'s threads (its connection is given back
     to the pool before the call returns)."""
-    return await sync_to_async(work, thread_sensitive=False, executor=executor)(**kwargs)
+    result: T = await _threaded(work, executor)(**kwargs)
+    return result
 
 
 @dataclass
@@ -85,6 +93,7 @@ class BilledRequest:
     """Everything the later stages need, fixed once the hold is placed."""
 
     request_id: str
+    account_id: int
     adapter: type[Adapter]
     parsed: ParsedRequest
     context: ModelContext
@@ -289,6 +298,7 @@ def _hold_place_for(
     metrics.HOLDS.labels("placed").inc()
     return BilledRequest(
         request_id=request_id,
+        account_id=api_key.account_id,
         adapter=adapter,
         parsed=parsed,
         context=context,
@@ -440,6 +450,7 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
             now=timezone.now(),
             usage=usage,
             details=details,
+            account_id=billed.account_id,
         )
     except DatabaseError as exc:
         logger.warning(

@@ -391,8 +391,11 @@ def hold_settle(
     now: datetime,
     usage: Usage | None = None,
     details: RequestDetails | None = None,
+    account_id: int | None = None,
 ) -> SettleResult:
     """Charge the actual cost and release the rest of the hold, in one short transaction.
+
+    `account_id`, when the caller knows the hold's account (the gateway does), saves a read.
 
     More than held is posted and flagged as an overrun, never dropped. After expiry the usage
     is still posted once and flagged late. A replay with the same cost returns the original.
@@ -402,7 +405,12 @@ def hold_settle(
     with transaction.atomic(durable=True):
         if connection.vendor == "postgresql":
             result = _hold_settle_common(
-                request_id=request_id, cost=cost, now=now, usage=usage, details=details
+                request_id=request_id,
+                cost=cost,
+                now=now,
+                usage=usage,
+                details=details,
+                account_id=account_id,
             )
             if result is not None:
                 return result
@@ -423,26 +431,25 @@ def hold_settle(
 
 
 # The common settle on PostgreSQL (an active hold of a key without a budget, nothing posted yet)
-# in two round trips instead of seven: lock the hold, then write the posting, its legs, the hold's
-# resolution, the usage record and the account's balance and held in one statement. Everything
-# it writes was decided in Python under the hold's lock, exactly as hold_charge decides it; any
-# other case (replay, late, released, budgeted) takes the ORM path below. Casts are for the
-# server-side binding of billing/sql.py (a NULL parameter has no type of its own).
-_SETTLE_LOCK_SQL = """
-SELECT id, account_id, api_key_id, model_alias, amount, created_at, expires_at
-FROM billing_hold
-WHERE request_id = %(request_id)s AND state = 'active' AND NOT budgeted
-  AND transaction_id IS NULL AND settled_amount IS NULL
-FOR UPDATE
-"""
-
-_SETTLE_WRITE_SQL = """
-WITH txn AS (
+# in one statement: lock the hold, then write the posting, its legs, the hold's resolution, the
+# usage record and the account's balance and held, deciding overrun and lateness as hold_charge
+# does. If the hold is not in that state (replay, late after expiry, released, budgeted, or a
+# different account than the caller said) nothing is written and the ORM path below takes it.
+# Casts are for the server-side binding of billing/sql.py (a NULL parameter has no type).
+_SETTLE_SQL = """
+WITH locked AS (
+    SELECT id, amount, created_at, model_alias, %(cost)s::bigint > amount AS is_overrun,
+           %(now)s >= expires_at AS is_late
+    FROM billing_hold
+    WHERE request_id = %(request_id)s AND account_id = %(account_id)s AND state = 'active'
+      AND NOT budgeted AND transaction_id IS NULL AND settled_amount IS NULL
+    FOR UPDATE
+), txn AS (
     INSERT INTO billing_ledgertransaction (kind, idempotency_key, content_hash, request_id, memo,
         posted_by_id, occurred_at, posted_at, reverses_id, model_alias, is_overrun, is_late)
     SELECT 'usage', %(idempotency_key)s, %(content_hash)s, %(request_id)s, '', NULL,
-        %(created_at)s, %(now)s, NULL, %(model_alias)s, %(is_overrun)s, %(is_late)s
-    WHERE %(cost)s > 0
+        created_at, %(now)s, NULL, model_alias, is_overrun, is_late
+    FROM locked WHERE %(cost)s::bigint > 0
     RETURNING id
 ), legs AS (
     INSERT INTO billing_ledgerleg (transaction_id, account_id, amount)
@@ -450,25 +457,28 @@ WITH txn AS (
     UNION ALL
     SELECT id, %(revenue_id)s::bigint, %(cost)s::bigint FROM txn
 ), resolved AS (
-    UPDATE billing_hold
+    UPDATE billing_hold AS h
     SET state = 'settled', resolved_at = %(now)s, settled_amount = %(cost)s,
-        is_overrun = %(is_overrun)s, is_late = %(is_late)s, transaction_id = (SELECT id FROM txn)
-    WHERE id = %(hold_id)s
+        is_overrun = locked.is_overrun, is_late = locked.is_late,
+        transaction_id = (SELECT id FROM txn)
+    FROM locked WHERE h.id = locked.id
+    RETURNING h.id, h.api_key_id, h.model_alias, h.amount, h.created_at, h.expires_at,
+        h.is_overrun, h.is_late, h.transaction_id
 ), usage_row AS (
     INSERT INTO billing_usagerecord (request_id, account_id, api_key_id, model_alias, endpoint,
         stream, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
         reasoning_tokens, estimated, cost, status, outcome, started_at, first_byte_ms,
         duration_ms, created_at)
-    SELECT %(request_id)s, %(account_id)s, %(api_key_id)s::bigint, %(model_alias)s, %(endpoint)s,
+    SELECT %(request_id)s, %(account_id)s, api_key_id, model_alias, %(endpoint)s,
         %(stream)s, %(input_tokens)s, %(cached_input_tokens)s, %(cache_write_tokens)s,
         %(output_tokens)s, %(reasoning_tokens)s, %(estimated)s, %(cost)s, 'settled', %(outcome)s,
         %(started_at)s, %(first_byte_ms)s::integer, %(duration_ms)s::integer, %(now)s
-    WHERE %(record_usage)s
+    FROM resolved WHERE %(record_usage)s
 ), account AS (
-    UPDATE billing_account SET balance = balance - %(cost)s, held = held - %(amount)s
-    WHERE id = %(account_id)s
+    UPDATE billing_account AS a SET balance = a.balance - %(cost)s, held = a.held - locked.amount
+    FROM locked WHERE a.id = %(account_id)s
 )
-SELECT id FROM txn
+SELECT * FROM resolved
 """
 
 
@@ -479,49 +489,38 @@ def _hold_settle_common(
     now: datetime,
     usage: Usage | None,
     details: RequestDetails | None,
+    account_id: int | None,
 ) -> SettleResult | None:
     """The common settle in one statement, or None when the hold needs the general path.
     Inner: runs in hold_settle's transaction."""
-    locked = sql_rows(_SETTLE_LOCK_SQL, {"request_id": request_id})
-    if not locked:
-        return None
-    [(hold_id, account_id, api_key_id, model_alias, amount_units, created_at, expires_at)] = locked
-    hold = Hold(
-        pk=hold_id,
+    if account_id is None:
+        # A hold's account never changes: no lock needed to read it.
+        found = Hold.objects.filter(request_id=request_id).values_list("account_id", flat=True)
+        account_id = found.first()
+        if account_id is None:
+            return None
+    # The posting's identity, as ledger_post would compute it (the legs are fixed by the
+    # account and the cost; nothing else the statement decides enters it).
+    posting = Posting(
+        kind=LedgerTransaction.Kind.USAGE,
+        legs=[
+            Leg(account_id=account_id, amount=-cost),
+            Leg(account_id=system_account_id(Account.Kind.REVENUE), amount=cost),
+        ],
+        idempotency_key=request_idempotency_key(request_id),
+        occurred_at=now,
         request_id=request_id,
-        account_id=account_id,
-        api_key_id=api_key_id,
-        model_alias=model_alias,
-        amount=from_units(amount_units),
-        budgeted=False,
-        state=Hold.State.SETTLED,
-        created_at=created_at,
-        expires_at=expires_at,
-        resolved_at=now,
-        settled_amount=cost,
-        is_overrun=cost > from_units(amount_units),
-        is_late=now >= expires_at,
     )
-    hold._state.adding = False
-    hold._state.db = connection.alias
-    posting = usage_posting(hold=hold, cost=cost, now=now, is_late=hold.is_late)
     if cost > 0:
         posting_validate(posting)
     usage = usage or Usage()
-    posted = sql_rows(
-        _SETTLE_WRITE_SQL,
+    rows = sql_rows(
+        _SETTLE_SQL,
         {
-            "hold_id": hold_id,
             "request_id": request_id,
             "account_id": account_id,
-            "api_key_id": api_key_id,
-            "model_alias": model_alias,
-            "amount": amount_units,
             "cost": to_units(cost),
             "now": now,
-            "created_at": created_at,
-            "is_overrun": hold.is_overrun,
-            "is_late": hold.is_late,
             "idempotency_key": posting.idempotency_key,
             "content_hash": posting.content_hash,
             "revenue_id": system_account_id(Account.Kind.REVENUE),
@@ -540,8 +539,29 @@ def _hold_settle_common(
             "estimated": usage.estimated,
         },
     )
-    hold.transaction_id = posted[0][0] if posted else None
-    return SettleResult(hold=hold, cost=cost, transaction_id=hold.transaction_id)
+    if not rows:
+        return None
+    [(hold_id, api_key_id, alias, amount, created_at, expires_at, overrun, late, txn_id)] = rows
+    hold = Hold(
+        pk=hold_id,
+        request_id=request_id,
+        account_id=account_id,
+        api_key_id=api_key_id,
+        model_alias=alias,
+        amount=from_units(amount),
+        budgeted=False,
+        state=Hold.State.SETTLED,
+        created_at=created_at,
+        expires_at=expires_at,
+        resolved_at=now,
+        settled_amount=cost,
+        is_overrun=overrun,
+        is_late=late,
+        transaction_id=txn_id,
+    )
+    hold._state.adding = False
+    hold._state.db = connection.alias
+    return SettleResult(hold=hold, cost=cost, transaction_id=txn_id)
 
 
 def hold_charge(

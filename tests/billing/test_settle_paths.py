@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from billing.models import Account, ApiKey, Hold, LedgerTransaction, UsageRecord
 from billing.pricing import Usage
@@ -23,8 +25,15 @@ TTL = 60
 
 
 def _settle_on(
-    *, budgeted: bool, request_id: str, cost: str, settle_after: int, now: datetime
-) -> tuple[Account, ApiKey, Any]:
+    *,
+    budgeted: bool,
+    request_id: str,
+    cost: str,
+    settle_after: int,
+    now: datetime,
+    account_hint: str = "none",
+) -> tuple[Account, ApiKey, Any, int]:
+    """Returns (account, key, settle result, ORM queries the settle ran)."""
     account = make_account(credits=D("10"), now=now)
     options: dict[str, Any] = (
         {"budget_limit": D("1000"), "budget_period": "month"} if budgeted else {}
@@ -39,21 +48,28 @@ def _settle_on(
         ttl_seconds=TTL,
     )
     settled_at = now + timedelta(seconds=settle_after)
-    result = hold_settle(
-        request_id=request_id,
-        cost=D(cost),
-        now=settled_at,
-        usage=Usage(input_tokens=11, cached_input_tokens=3, output_tokens=7, reasoning_tokens=2),
-        details=RequestDetails(
-            endpoint="chat.completions",
-            started_at=now,
-            stream=True,
-            outcome="completed",
-            first_byte_ms=12,
-            duration_ms=345,
-        ),
-    )
-    return account, key, result
+    hints = {"none": None, "right": account.pk, "wrong": account.pk + 10_000}
+    with CaptureQueriesContext(connection) as orm_queries:
+        result = hold_settle(
+            account_id=hints[account_hint],
+            request_id=request_id,
+            cost=D(cost),
+            now=settled_at,
+            usage=Usage(
+                input_tokens=11, cached_input_tokens=3, output_tokens=7, reasoning_tokens=2
+            ),
+            details=RequestDetails(
+                endpoint="chat.completions",
+                started_at=now,
+                stream=True,
+                outcome="completed",
+                first_byte_ms=12,
+                duration_ms=345,
+            ),
+        )
+    # The one statement runs on a psycopg cursor (billing/sql.py), unseen by the ORM.
+    statements = [q for q in orm_queries if "SAVEPOINT" not in q["sql"]]
+    return account, key, result, len(statements)
 
 
 def _rows(account: Account, request_id: str) -> dict[str, Any]:
@@ -116,13 +132,20 @@ def _rows(account: Account, request_id: str) -> dict[str, Any]:
         ("0.75", TTL + 1),  # past expiry but not yet swept: flagged late
     ],
 )
+@pytest.mark.parametrize("account_hint", ["none", "right", "wrong"])
 def test_one_statement_settle_matches_the_general_path(
-    postgres_only: None, now: datetime, cost: str, settle_after: int
+    postgres_only: None, now: datetime, cost: str, settle_after: int, account_hint: str
 ) -> None:
-    fast_account, _, fast = _settle_on(
-        budgeted=False, request_id="fast", cost=cost, settle_after=settle_after, now=now
+    # A wrong account hint makes the one statement match nothing: the general path settles.
+    fast_account, _, fast, fast_orm_queries = _settle_on(
+        budgeted=False,
+        request_id="fast",
+        cost=cost,
+        settle_after=settle_after,
+        now=now,
+        account_hint=account_hint,
     )
-    general_account, general_key, general = _settle_on(
+    general_account, general_key, general, _ = _settle_on(
         budgeted=True, request_id="general", cost=cost, settle_after=settle_after, now=now
     )
 
@@ -134,6 +157,11 @@ def test_one_statement_settle_matches_the_general_path(
         general.replayed,
     )
     assert (fast.transaction_id is None) == (D(cost) == 0)
+    if account_hint == "wrong":
+        assert fast_orm_queries > 1  # the general path
+    else:
+        # The one statement, after an account lookup when the caller gave no hint.
+        assert fast_orm_queries == (1 if account_hint == "none" else 0)
     general_key.refresh_from_db()
     assert general_key.budget_held == 0 and general_key.budget_spent == D(cost)
     assert ledger_audit().clean
@@ -142,7 +170,7 @@ def test_one_statement_settle_matches_the_general_path(
 def test_one_statement_settle_replays_and_conflicts_like_the_general_path(
     postgres_only: None, now: datetime
 ) -> None:
-    account, _, first = _settle_on(
+    account, _, first, _ = _settle_on(
         budgeted=False, request_id="r1", cost="0.75", settle_after=5, now=now
     )
     again = hold_settle(request_id="r1", cost=D("0.75"), now=now + timedelta(seconds=9))
