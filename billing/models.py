@@ -192,9 +192,13 @@ class LedgerTransaction(models.Model):
     content_hash = models.CharField(max_length=64)
     request_id = models.CharField(max_length=64, blank=True, default="")
     memo = models.TextField(blank=True, default="")
-    # None means the system posted it.
+    # None means the system posted it (every gateway posting): indexed only where set.
     posted_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        db_index=False,
     )
     occurred_at = models.DateTimeField()
     posted_at = models.DateTimeField(db_index=True)
@@ -214,6 +218,9 @@ class LedgerTransaction(models.Model):
         indexes = [
             models.Index(fields=["kind", "posted_at"]),
             models.Index(fields=["request_id"], name="txn_request_id"),
+            models.Index(
+                fields=["posted_by"], condition=Q(posted_by__isnull=False), name="txn_posted_by"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -226,7 +233,10 @@ class LedgerLeg(models.Model):
     transaction = models.ForeignKey(
         LedgerTransaction, on_delete=models.PROTECT, related_name="legs"
     )
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="legs")
+    # Indexed by Meta's (account, transaction), which also serves lookups by account alone.
+    account = models.ForeignKey(
+        Account, on_delete=models.PROTECT, related_name="legs", db_index=False
+    )
     amount = MoneyField()
 
     class Meta:
@@ -306,7 +316,10 @@ class UsageRecord(models.Model):
         PENDING = "pending"  # settle handed to the retry path
 
     request_id = models.CharField(max_length=64)  # unique: see Meta
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="usage_records")
+    # Indexed by Meta's (account, started_at), which also serves lookups by account alone.
+    account = models.ForeignKey(
+        Account, on_delete=models.PROTECT, related_name="usage_records", db_index=False
+    )
     api_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
     )
