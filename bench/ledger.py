@@ -6,8 +6,8 @@
 place+settle pairs after a short warm-up, all released together by a barrier, in four
 scenarios in one run:
 
-- services, hot: billing.services.holds.hold_place then hold_settle (with a usage record, as
-  the gateway calls it), every worker on the same account;
+- services, hot: billing.services.holds.hold_place then hold_settle (with a usage record and
+  the hold's account, as the gateway calls it), every worker on the same account;
 - services, spread: the same over `--accounts` accounts (10,000), a random account per pair;
 - raw SQL, hot / spread: the minimal equivalent on tables of the same shape
   (bench_raw_account / bench_raw_hold / bench_raw_entry): place = one conditional
@@ -62,6 +62,7 @@ def _services_worker(
         )
         hold_settle(
             request_id=request_id,
+            account_id=account_id,
             cost=COST_USD,
             now=timezone.now(),
             usage=usage,

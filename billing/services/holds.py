@@ -436,6 +436,8 @@ def hold_settle(
 # does. If the hold is not in that state (replay, late after expiry, released, budgeted, or a
 # different account than the caller said) nothing is written and the ORM path below takes it.
 # Casts are for the server-side binding of billing/sql.py (a NULL parameter has no type).
+_HOLD_ACCOUNT_SQL = "SELECT account_id FROM billing_hold WHERE request_id = %(request_id)s"
+
 _SETTLE_SQL = """
 WITH locked AS (
     SELECT id, amount, created_at, model_alias, %(cost)s::bigint > amount AS is_overrun,
@@ -495,10 +497,10 @@ def _hold_settle_common(
     Inner: runs in hold_settle's transaction."""
     if account_id is None:
         # A hold's account never changes: no lock needed to read it.
-        found = Hold.objects.filter(request_id=request_id).values_list("account_id", flat=True)
-        account_id = found.first()
-        if account_id is None:
+        found = sql_rows(_HOLD_ACCOUNT_SQL, {"request_id": request_id})
+        if not found:
             return None
+        [(account_id,)] = found
     # The posting's identity, as ledger_post would compute it (the legs are fixed by the
     # account and the cost; nothing else the statement decides enters it).
     posting = Posting(
