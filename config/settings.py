@@ -31,6 +31,10 @@ def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
@@ -187,7 +191,7 @@ GATEWAY_UPSTREAM_TIMEOUT_SECONDS = min(
 GATEWAY_CACHE_TTL_SECONDS = 1.0
 # API keys may be cached longer (gateway/selectors.py): every hold re-checks its key in its own
 # statement, so a revoked key is refused at once whatever the cache says.
-GATEWAY_KEY_CACHE_TTL_SECONDS = float(env_str("GATEWAY_KEY_CACHE_TTL_SECONDS", "10"))
+GATEWAY_KEY_CACHE_TTL_SECONDS = env_float("GATEWAY_KEY_CACHE_TTL_SECONDS", 10.0)
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
