@@ -15,6 +15,7 @@ is handed to the retry task; the hold stays until it is settled or expires into 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import logging
@@ -27,7 +28,6 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import aiohttp
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
@@ -75,17 +75,14 @@ def _admission_for_loop() -> asyncio.Semaphore:
     return _admission[loop]
 
 
-@functools.cache
-def _threaded(work: Callable[..., Any], executor: ThreadPoolExecutor) -> Callable[..., Any]:
-    # Built once per function: sync_to_async inspects its function on every construction.
-    return sync_to_async(work, thread_sensitive=False, executor=executor)
-
-
 async def _in_threads(executor: ThreadPoolExecutor, work: Callable[..., T], **kwargs: Any) -> T:
-    """Run sync database work in one of `executor`'s threads (its connection is given back
-    to the pool before the call returns)."""
-    result: T = await _threaded(work, executor)(**kwargs)
-    return result
+    """Run sync database work in one of `executor`'s threads, in a copy of this context (its
+    connection is given back to the pool before the call returns). Django's connections are
+    per thread and these threads run no event loop, so the ORM is safe there; asgiref's
+    sync_to_async would add per-call machinery for thread-sensitivity we do not want."""
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, work, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
 
 
 @dataclass
@@ -140,8 +137,8 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
         raise GatewayError(
             503, "The gateway is overloaded; retry shortly.", "server_error", "overloaded"
         ) from None
-    try:
-        billed = await _in_threads(
+    placing = asyncio.ensure_future(
+        _in_threads(
             _hold_threads,
             _hold_for,
             request_id=request_id,
@@ -151,6 +148,18 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
             now=now,
             started=started,
         )
+    )
+    try:
+        billed = await asyncio.shield(placing)
+    except asyncio.CancelledError:
+        # The client left while its hold was being placed (the thread cannot be stopped):
+        # once placed, give it back, so no hold waits for the sweeper.
+        try:
+            placed = await placing
+        except Exception:
+            raise asyncio.CancelledError from None  # refused: nothing to give back
+        await _release_protected(placed, outcome="client_disconnected")
+        raise
     finally:
         admission.release()
     context = billed.context

@@ -187,6 +187,11 @@ class RowLocker:
             "SELECT id FROM billing_hold WHERE request_id = %s FOR UPDATE", [request_id]
         ).fetchone()
 
+    def lock_account(self, account_id: int) -> None:
+        self.conn.execute(
+            "SELECT id FROM billing_account WHERE id = %s FOR UPDATE", [account_id]
+        ).fetchone()
+
     def release(self) -> None:
         self.conn.rollback()
 

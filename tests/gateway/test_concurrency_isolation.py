@@ -6,6 +6,7 @@ import asyncio
 from decimal import Decimal
 
 import httpx
+import pytest
 from django.utils import timezone
 
 from billing.models import Account, Hold, LedgerTransaction
@@ -13,6 +14,7 @@ from billing.selectors import ledger_audit
 from tests.factories import make_account, make_key
 from tests.gateway.conftest import start_gateway, stop_gateway
 from tests.gateway.ledger import charged
+from tests.workers import wait_until
 
 
 def test_64_concurrent_streams_never_overspend(world):
@@ -219,3 +221,29 @@ def test_prompts_completions_and_keys_never_reach_logs_or_metrics(world):
         assert " quick brown" not in text  # completion text
     assert "billing_settlements_total" in metrics
     assert Account.objects.filter(pk=world.account.pk).exists()
+
+
+def test_a_client_leaving_while_its_hold_is_placed_gets_the_hold_released(world, row_locker):
+    """The hold's thread cannot be stopped: once it commits, the gateway releases it at once
+    instead of leaving it active until the sweeper."""
+    row_locker.lock_account(world.account.pk)  # the hold's conditional UPDATE waits here
+    body = {"model": world.openai_model, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{world.gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {world.key}"},
+            timeout=1.0,  # gives up (and disconnects) while the hold is blocked
+        )
+    wait_until(lambda: row_locker.waiting_backends() == 1, timeout=10)
+    row_locker.release()
+
+    hold = wait_until(
+        lambda: Hold.objects.filter(account=world.account, state=Hold.State.RELEASED).first(),
+        timeout=10,
+    )
+    assert hold is not None
+    world.account.refresh_from_db()
+    assert (world.account.balance, world.account.held) == (Decimal("10"), 0)
+    assert not LedgerTransaction.objects.filter(request_id=hold.request_id).exists()
+    assert ledger_audit().clean
