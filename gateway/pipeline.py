@@ -333,12 +333,12 @@ async def _stream_open(
     headers: dict[str, str],
     body: dict[str, Any],
     timeout: aiohttp.ClientTimeout,
-) -> tuple[UpstreamCall, StreamState, bytes]:
-    """Open the upstream stream and wait for its first event, so that a failure before the
+) -> tuple[UpstreamCall, StreamState, list[bytes]]:
+    """Open the upstream stream and wait for its first events, so that a failure before the
     first byte is still answered with a proper status and a full release."""
     call = await UpstreamCall.open(url=url, headers=headers, body=body, timeout=timeout)
     try:
-        first = await call.next_event()
+        first = await call.next_events()
     except BaseException:
         call.close()
         raise
@@ -348,25 +348,42 @@ async def _stream_open(
     return call, billed.adapter.stream_state(billed.parsed), first
 
 
+def _feed(state: StreamState, events: list[bytes]) -> tuple[bytes, Exception | None]:
+    """What to relay of events that arrived together, and the failure that stopped them."""
+    out = []
+    try:
+        for event in events:
+            relayed = state.feed(event)
+            if relayed:
+                out.append(relayed)
+            if state.finished:
+                break
+    except (UpstreamFailure, ValueError) as failure:  # ValueError: a chunk that is not JSON
+        return b"".join(out), failure
+    return b"".join(out), None
+
+
 async def _relay(
-    billed: BilledRequest, call: UpstreamCall, state: StreamState, first: bytes
+    billed: BilledRequest, call: UpstreamCall, state: StreamState, first: list[bytes]
 ) -> AsyncIterator[bytes]:
     outcome = "completed"
     try:
-        event: bytes | None = first
-        while event is not None:
-            out = state.feed(event)
+        events: list[bytes] | None = first
+        while events is not None:
+            out, failure = _feed(state, events)
             if out:
                 billed.mark_first_byte()
                 yield out
+            if failure is not None:
+                raise failure
             if state.finished:
                 break
-            event = await call.next_event()
+            events = await call.next_events()
         if not state.finished:
             outcome = "upstream_incomplete"
     except UpstreamFailure as failure:
         outcome = f"upstream_{failure.kind}"
-    except ValueError:  # a chunk that is not JSON
+    except ValueError:
         outcome = "upstream_protocol"
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away: stop the upstream, bill what was generated, never free.

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.upstreams.anthropic import AnthropicMessages
-from gateway.upstreams.client import UpstreamFailure, sse_event
+from gateway.upstreams.client import SSESplitter, UpstreamFailure, sse_event
 from gateway.upstreams.openai import OpenAIChat
 
 
@@ -89,3 +89,36 @@ def test_anthropic_text_deltas_relay_unparsed_and_usage_events_are_read() -> Non
     assert state.generated_texts() == ["Hel", "lo"]
     assert state.usage is not None
     assert (state.usage.input_tokens, state.usage.output_tokens) == (9, 2)
+
+
+@pytest.mark.parametrize("cut", range(1, 30))
+def test_sse_splitter_finds_the_same_events_wherever_the_network_cuts_the_bytes(cut: int) -> None:
+    wire = (
+        b"data: one\r\n\r\n"
+        b": keep-alive comment\n\n"
+        b"event: message_delta\ndata: two\n\n"
+        b"\n"  # a stray blank line
+        b"data: three"  # unterminated when the stream ends
+    )
+    splitter = SSESplitter()
+    events = splitter.feed(wire[:cut]) + splitter.feed(wire[cut:]) + splitter.rest()
+
+    assert events == [
+        b"data: one\n\n",
+        b": keep-alive comment\n\n",
+        b"event: message_delta\ndata: two\n\n",
+        b"data: three\n\n",
+    ]
+
+
+def test_events_that_arrive_together_are_relayed_in_one_write_up_to_a_failure() -> None:
+    from gateway.pipeline import _feed
+
+    state = _openai_state()
+    error = b'data: {"error": {"message": "overloaded"}}\n\n'
+
+    out, failure = _feed(state, [_delta("a"), _delta("b"), error, _delta("never")])
+
+    assert out == _delta("a") + _delta("b")  # what came before the failure still goes out
+    assert isinstance(failure, UpstreamFailure)
+    assert len(state.unparsed) == 2
