@@ -37,7 +37,7 @@ from billing.services.ledger import (
     request_idempotency_key,
     system_account_id,
 )
-from billing.sql import sql_rows
+from billing.sql import one_statement_transaction, sql_rows
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,23 @@ def hold_place(
     if amount <= 0:
         raise InvalidAmount("a hold must be positive")
     ttl = ttl_seconds if ttl_seconds is not None else settings.BILLING_HOLD_TTL_SECONDS
+    if connection.vendor == "postgresql" and not _is_budgeted(api_key):
+        try:
+            with one_statement_transaction():
+                placed = _hold_place_one_statement(
+                    api_key=api_key,
+                    request_id=request_id,
+                    amount=amount,
+                    now=now,
+                    model_alias=model_alias,
+                    ttl=ttl,
+                )
+        except IntegrityError:
+            placed = None  # the request id is taken: the general path replays it
+        if placed is not None:
+            return placed
+        # Refused, a replay, or the key changed: nothing was written; the general path below
+        # decides again and says why.
     try:
         try:
             with transaction.atomic(durable=True):
@@ -160,32 +177,64 @@ def hold_place(
         return existing
 
 
-# The common hold on PostgreSQL (a key without a budget) in one statement, in the same order as
-# the ORM path: the hold row first (a taken request id fails here, before any balance), then the
-# conditional UPDATE, which is the check (the account's funds and status, and the key's status:
-# a key revoked a moment ago is refused here, whatever the gateway's key cache says, and a key
-# that gained a budget since the caller read it is placed again with its budget). If it
-# matches no row the caller raises and the transaction, hold row included, rolls back.
+# The common hold on PostgreSQL (a key without a budget) in one statement that is its own
+# transaction: the conditional UPDATE is the check (the account's funds and status, and the
+# key's status: a key revoked a moment ago is refused here, whatever the gateway's key cache
+# says, and a key that gained a budget since the caller read it is not placed this way), and
+# the hold row is inserted only if it matched. A taken request id fails the whole statement on
+# the unique index. Either way nothing is written, and the general path decides again.
 _HOLD_PLACE_SQL = """
-WITH new_hold AS (
-    INSERT INTO billing_hold (request_id, account_id, api_key_id, model_alias, amount, budgeted,
-                              state, created_at, expires_at, is_overrun, is_late)
-    VALUES (%(request_id)s, %(account_id)s, %(api_key_id)s, %(model_alias)s, %(amount)s, false,
-            'active', %(now)s, %(expires_at)s, false, false)
-    RETURNING id
-), placed AS (
+WITH placed AS (
     UPDATE billing_account SET held = held + %(amount)s
     WHERE id = %(account_id)s AND kind = 'customer' AND status = 'active'
       AND balance >= held + %(amount)s - overdraft
-      AND EXISTS (SELECT 1 FROM new_hold)
       AND EXISTS (SELECT 1 FROM billing_apikey
                   WHERE id = %(api_key_id)s AND status = 'active'
                     AND (expires_at IS NULL OR expires_at > %(now)s)
                     AND (budget_limit IS NULL OR budget_period = ''))
     RETURNING id
 )
-SELECT (SELECT id FROM new_hold), EXISTS (SELECT 1 FROM placed)
+INSERT INTO billing_hold (request_id, account_id, api_key_id, model_alias, amount, budgeted,
+                          state, created_at, expires_at, is_overrun, is_late)
+SELECT %(request_id)s, id, %(api_key_id)s, %(model_alias)s, %(amount)s, false,
+       'active', %(now)s, %(expires_at)s, false, false
+FROM placed
+RETURNING id
 """
+
+
+def _hold_place_one_statement(
+    *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
+) -> Hold | None:
+    expires_at = now + timedelta(seconds=ttl)
+    rows = sql_rows(
+        _HOLD_PLACE_SQL,
+        {
+            "amount": to_units(amount),
+            "account_id": api_key.account_id,
+            "request_id": request_id,
+            "api_key_id": api_key.pk,
+            "model_alias": model_alias,
+            "now": now,
+            "expires_at": expires_at,
+        },
+    )
+    if not rows:
+        return None
+    hold = Hold(
+        pk=rows[0][0],
+        request_id=request_id,
+        account_id=api_key.account_id,
+        api_key=api_key,
+        model_alias=model_alias,
+        amount=amount,
+        budgeted=False,
+        created_at=now,
+        expires_at=expires_at,
+    )
+    hold._state.adding = False
+    hold._state.db = connection.alias
+    return hold
 
 
 class _KeyGainedBudget(Exception):
@@ -229,35 +278,6 @@ def _hold_place(
 ) -> Hold:
     budgeted = _is_budgeted(api_key)
     expires_at = now + timedelta(seconds=ttl)
-    if not budgeted and connection.vendor == "postgresql":
-        [(hold_id, placed)] = sql_rows(
-            _HOLD_PLACE_SQL,
-            {
-                "amount": to_units(amount),
-                "account_id": api_key.account_id,
-                "request_id": request_id,
-                "api_key_id": api_key.pk,
-                "model_alias": model_alias,
-                "now": now,
-                "expires_at": expires_at,
-            },
-        )
-        if not placed:
-            raise _hold_refusal(api_key=api_key, amount=amount, now=now)
-        hold = Hold(
-            pk=hold_id,
-            request_id=request_id,
-            account_id=api_key.account_id,
-            api_key=api_key,
-            model_alias=model_alias,
-            amount=amount,
-            budgeted=False,
-            created_at=now,
-            expires_at=expires_at,
-        )
-        hold._state.adding = False
-        hold._state.db = connection.alias
-        return hold
     # The hold row goes in first: a replay fails on the unique request id before touching any
     # balance, and the account row is locked only from its UPDATE to COMMIT (the hot row in
     # a busy account is the throughput limit).
@@ -402,8 +422,8 @@ def hold_settle(
     """
     if cost < 0:
         raise InvalidAmount("a cost cannot be negative")
-    with transaction.atomic(durable=True):
-        if connection.vendor == "postgresql":
+    if connection.vendor == "postgresql":
+        with one_statement_transaction():
             result = _hold_settle_common(
                 request_id=request_id,
                 cost=cost,
@@ -412,8 +432,9 @@ def hold_settle(
                 details=details,
                 account_id=account_id,
             )
-            if result is not None:
-                return result
+        if result is not None:
+            return result
+    with transaction.atomic(durable=True):
         hold = _hold_lock(request_id)
         # settled_amount also marks a late settle of an expired hold (which may have no posting
         # when the cost was zero): a second settle of it is a replay, never a second charge.
@@ -493,8 +514,8 @@ def _hold_settle_common(
     details: RequestDetails | None,
     account_id: int | None,
 ) -> SettleResult | None:
-    """The common settle in one statement, or None when the hold needs the general path.
-    Inner: runs in hold_settle's transaction."""
+    """The common settle in one statement (its own transaction), or None when the hold needs
+    the general path (then nothing was written)."""
     if account_id is None:
         # A hold's account never changes: no lock needed to read it.
         found = sql_rows(_HOLD_ACCOUNT_SQL, {"request_id": request_id})

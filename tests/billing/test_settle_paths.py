@@ -11,6 +11,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from billing.errors import IdempotencyConflict, InsufficientFunds
 from billing.models import Account, ApiKey, Hold, LedgerTransaction, UsageRecord
 from billing.pricing import Usage
 from billing.selectors import ledger_audit
@@ -205,4 +206,32 @@ def test_one_statement_settle_writes_null_timings_and_skips_the_record_without_d
     assert not UsageRecord.objects.filter(request_id="no-details").exists()
     account.refresh_from_db()
     assert (account.balance, account.held) == (D("9.7"), D(0))
+    assert ledger_audit().clean
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_statement_steps_in_autocommit_write_all_or_nothing(
+    postgres_only: None, now: datetime
+) -> None:
+    """Outside any transaction (as in the gateway) each one-statement step is its own
+    transaction: a refused hold leaves nothing, a replay returns the original."""
+    account = make_account(credits=D("1"), now=now)
+    key = make_key(account=account, now=now).api_key
+    assert not connection.in_atomic_block
+
+    with pytest.raises(InsufficientFunds):
+        hold_place(api_key=key, request_id="too-big", amount=D("1.5"), now=now)
+    first = hold_place(api_key=key, request_id="r1", amount=D("0.6"), now=now)
+    again = hold_place(api_key=key, request_id="r1", amount=D("0.6"), now=now)
+    with pytest.raises(IdempotencyConflict):
+        hold_place(api_key=key, request_id="r1", amount=D("0.7"), now=now)
+    settled = hold_settle(request_id="r1", cost=D("0.25"), now=now, account_id=account.pk)
+    replayed = hold_settle(request_id="r1", cost=D("0.25"), now=now, account_id=account.pk)
+
+    assert again.pk == first.pk
+    assert not Hold.objects.filter(request_id="too-big").exists()
+    assert settled.transaction_id is not None and not settled.replayed
+    assert replayed.replayed and replayed.transaction_id == settled.transaction_id
+    account.refresh_from_db()
+    assert (account.balance, account.held) == (D("0.75"), D(0))
     assert ledger_audit().clean

@@ -108,11 +108,17 @@ def test_worker_killed_mid_settle_gets_the_task_back_and_charges_once(celery_wor
     wait_until(lambda: row_locker.waiting_backends() >= 1, timeout=20)  # blocked on the lock
     celery_worker.kill()
     row_locker.release()
-    assert not LedgerTransaction.objects.filter(request_id="req-killed").exists()
+    # The killed worker's settle is one statement in autocommit: PostgreSQL may still finish a
+    # statement it had received when its client died. Whether it did or not, the task comes
+    # back and must either settle or find the settle done, never charge again.
 
-    celery_worker.start()
+    celery_worker.start()  # a new log per start
     # Redis hands the unacknowledged task back once the visibility timeout (5 s) has passed.
-    wait_until(lambda: _settled("req-killed"), timeout=40)
+    wait_until(
+        lambda: "'settled'" in celery_worker.log() or "'replayed'" in celery_worker.log(),
+        timeout=40,
+    )
+    assert _settled("req-killed")
     _assert_charged_once(account, "req-killed")
 
 
