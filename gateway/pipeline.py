@@ -15,12 +15,13 @@ is handed to the retry task; the hold stays until it is settled or expires into 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -158,13 +159,37 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
             placed = await placing
         except Exception:
             raise asyncio.CancelledError from None  # refused: nothing to give back
-        await _release_protected(placed, outcome="client_disconnected")
+        await _to_completion(
+            _in_threads(_settle_threads, _release, billed=placed, outcome="client_disconnected")
+        )
         raise
     finally:
         admission.release()
+    if parsed.stream:
+        return await _stream_start(request, billed)
+    # The provider bills a completion whether or not our client waits for it: once asked, the
+    # answer is read and settled even if the client leaves meanwhile.
+    return await _to_completion(_complete(request, billed))
+
+
+async def _to_completion(work: Awaitable[T]) -> T:
+    """Await `work` in its own task; if our caller is cancelled (the client went away), the
+    work still runs to the end before the cancellation goes on."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # nobody is left to tell
+            await task
+        raise
+
+
+def _upstream_call(
+    request: HttpRequest, billed: BilledRequest
+) -> tuple[str, dict[str, str], dict[str, Any], aiohttp.ClientTimeout]:
     context = billed.context
-    url, headers, body = adapter.upstream_request(
-        parsed,
+    url, headers, body = billed.adapter.upstream_request(
+        billed.parsed,
         context.target(),
         max_output_tokens=billed.max_output_tokens,
         anthropic_version=request.headers.get("anthropic-version"),
@@ -175,36 +200,60 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
         sock_connect=context.connect_timeout,
         sock_read=context.read_timeout,
     )
+    return url, headers, body, timeout
+
+
+async def _upstream_failed(billed: BilledRequest, failure: UpstreamFailure) -> GatewayError:
+    """Nothing reached the client: the whole hold goes back, on every endpoint."""
+    await _to_completion(
+        _in_threads(_settle_threads, _release, billed=billed, outcome=f"upstream_{failure.kind}")
+    )
+    metrics.UPSTREAM_ERRORS.labels("before_first_byte", failure.kind).inc()
+    return upstream_error(failure)
+
+
+async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponseBase:
+    """A non-streaming completion: call, read, settle, answer."""
+    url, headers, body, timeout = _upstream_call(request, billed)
     try:
-        if parsed.stream:
-            call, state, first = await _stream_open(billed, url, headers, body, timeout)
-        else:
-            payload = await _call_json(url, headers, body, timeout)
+        payload = await _call_json(url, headers, body, timeout)
     except UpstreamFailure as failure:
-        # Nothing reached the client: the whole hold goes back, on every endpoint.
-        await _release_protected(billed, outcome=f"upstream_{failure.kind}")
-        metrics.UPSTREAM_ERRORS.labels("before_first_byte", failure.kind).inc()
-        raise upstream_error(failure) from failure
+        raise await _upstream_failed(billed, failure) from failure
     except BaseException:
-        await _release_protected(billed, outcome="gateway_error")
+        await _in_threads(_settle_threads, _release, billed=billed, outcome="gateway_error")
         raise
-
-    if parsed.stream:
-        stream = StreamingHttpResponse(
-            _relay(billed, call, state, first), content_type=adapter.stream_content_type
-        )
-        stream["Cache-Control"] = "no-cache"
-        stream["X-Accel-Buffering"] = "no"
-        return stream
-
     billed.mark_first_byte()
+    adapter = billed.adapter
     usage = adapter.usage_from_body(payload)
     if usage is None:
         usage = _estimated_usage(billed, reported=None, generated=adapter.texts_from_body(payload))
-    cost = await _settle_shielded(billed, usage=usage, outcome="completed")
+    cost = await _in_threads(
+        _settle_threads, _settle, billed=billed, usage=usage, outcome="completed"
+    )
     response = JsonResponse(adapter.with_cost(payload, usage=usage, cost=money_str(cost)))
     response["x-request-cost"] = money_str(cost)
     return response
+
+
+async def _stream_start(request: HttpRequest, billed: BilledRequest) -> HttpResponseBase:
+    """Open the stream (a failure before its first byte is answered like any other), then
+    hand the relay to Django as the response's body."""
+    url, headers, body, timeout = _upstream_call(request, billed)
+    try:
+        call, state, first = await _stream_open(billed, url, headers, body, timeout)
+    except UpstreamFailure as failure:
+        raise await _upstream_failed(billed, failure) from failure
+    except BaseException:
+        await _to_completion(
+            _in_threads(_settle_threads, _release, billed=billed, outcome="gateway_error")
+        )
+        raise
+    stream = StreamingHttpResponse(
+        _relay(billed, call, state, first), content_type=billed.adapter.stream_content_type
+    )
+    stream["Cache-Control"] = "no-cache"
+    stream["X-Accel-Buffering"] = "no"
+    return stream
 
 
 def _reject_constant(name: str) -> Any:
@@ -419,31 +468,10 @@ async def _settle_protected(
         else _estimated_usage(billed, reported=state.usage, generated=state.generated_texts())
     )
     assert usage is not None
-    return usage, await _settle_shielded(billed, usage=usage, outcome=outcome)
-
-
-async def _settle_shielded(billed: BilledRequest, *, usage: Usage, outcome: str) -> Decimal:
-    """Settle in a settle thread; a cancellation (the client went away) cannot cut it short:
-    the settle runs to completion in its own task, and we wait for it."""
-    task = asyncio.ensure_future(
+    cost = await _to_completion(
         _in_threads(_settle_threads, _settle, billed=billed, usage=usage, outcome=outcome)
     )
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
-
-
-async def _release_protected(billed: BilledRequest, *, outcome: str) -> None:
-    task = asyncio.ensure_future(
-        _in_threads(_settle_threads, _release, billed=billed, outcome=outcome)
-    )
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+    return usage, cost
 
 
 def _estimated_usage(

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from django.utils import timezone
 
-from billing.models import Account, Hold, LedgerTransaction
+from billing.models import Account, Hold, LedgerTransaction, UsageRecord
 from billing.selectors import ledger_audit
 from tests.factories import make_account, make_key
 from tests.gateway.conftest import start_gateway, stop_gateway
@@ -246,4 +246,32 @@ def test_a_client_leaving_while_its_hold_is_placed_gets_the_hold_released(world,
     world.account.refresh_from_db()
     assert (world.account.balance, world.account.held) == (Decimal("10"), 0)
     assert not LedgerTransaction.objects.filter(request_id=hold.request_id).exists()
+    assert ledger_audit().clean
+
+
+def test_a_client_leaving_a_non_streaming_request_is_still_charged_the_answer(world):
+    """The provider bills a completion whether or not our client waits for it: the gateway
+    reads the answer and settles it even after the client disconnected."""
+    body = {
+        "model": world.openai_model,
+        "messages": [{"role": "user", "content": "slow [mock:tokens=5] [mock:delay_ms=150]"}],
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{world.gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {world.key}"},
+            timeout=0.3,  # the mock answers after 5 x 150 ms
+        )
+
+    hold = wait_until(
+        lambda: Hold.objects.filter(account=world.account, state=Hold.State.SETTLED).first(),
+        timeout=10,
+    )
+    assert hold is not None
+    usage = UsageRecord.objects.get(request_id=hold.request_id)
+    assert (usage.output_tokens, usage.estimated) == (5, False)
+    assert charged(hold.request_id) == usage.cost > 0
+    world.account.refresh_from_db()
+    assert (world.account.balance, world.account.held) == (Decimal("10") - usage.cost, 0)
     assert ledger_audit().clean
