@@ -29,8 +29,7 @@ class ApiKeyAuthentication(BaseAuthentication):
             )
             return None, api_key
         finally:
-            # A key lookup (on a cache miss) must not keep its pooled connection while this
-            # request waits for admission to place its hold.
+            # The lookup's connection goes back to the pool at once, not when the view ends.
             connection.close()
 
     def authenticate_header(self, request: Request) -> str:
