@@ -159,9 +159,7 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
             placed = await placing
         except Exception:
             raise asyncio.CancelledError from None  # refused: nothing to give back
-        await _to_completion(
-            _in_threads(_settle_threads, _release, billed=placed, outcome="client_disconnected")
-        )
+        await _give_back(placed, outcome="client_disconnected")
         raise
     finally:
         admission.release()
@@ -182,6 +180,11 @@ async def _to_completion(work: Awaitable[T]) -> T:
         with contextlib.suppress(Exception):  # nobody is left to tell
             await task
         raise
+
+
+async def _give_back(billed: BilledRequest, *, outcome: str) -> None:
+    """Release the whole hold (in a settle thread), even if our caller is cancelled."""
+    await _to_completion(_in_threads(_settle_threads, _release, billed=billed, outcome=outcome))
 
 
 def _upstream_call(
@@ -205,9 +208,7 @@ def _upstream_call(
 
 async def _upstream_failed(billed: BilledRequest, failure: UpstreamFailure) -> GatewayError:
     """Nothing reached the client: the whole hold goes back, on every endpoint."""
-    await _to_completion(
-        _in_threads(_settle_threads, _release, billed=billed, outcome=f"upstream_{failure.kind}")
-    )
+    await _give_back(billed, outcome=f"upstream_{failure.kind}")
     metrics.UPSTREAM_ERRORS.labels("before_first_byte", failure.kind).inc()
     return upstream_error(failure)
 
@@ -220,7 +221,7 @@ async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponse
     except UpstreamFailure as failure:
         raise await _upstream_failed(billed, failure) from failure
     except BaseException:
-        await _in_threads(_settle_threads, _release, billed=billed, outcome="gateway_error")
+        await _give_back(billed, outcome="gateway_error")
         raise
     billed.mark_first_byte()
     adapter = billed.adapter
@@ -244,9 +245,7 @@ async def _stream_start(request: HttpRequest, billed: BilledRequest) -> HttpResp
     except UpstreamFailure as failure:
         raise await _upstream_failed(billed, failure) from failure
     except BaseException:
-        await _to_completion(
-            _in_threads(_settle_threads, _release, billed=billed, outcome="gateway_error")
-        )
+        await _give_back(billed, outcome="gateway_error")
         raise
     stream = StreamingHttpResponse(
         _relay(billed, call, state, first), content_type=billed.adapter.stream_content_type
