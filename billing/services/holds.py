@@ -203,6 +203,13 @@ RETURNING id
 """
 
 
+def _as_loaded(hold: Hold) -> Hold:
+    """A Hold built from a row our own statement returned: saved, as if the ORM had read it."""
+    hold._state.adding = False
+    hold._state.db = connection.alias
+    return hold
+
+
 def _hold_place_one_statement(
     *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
 ) -> Hold | None:
@@ -221,20 +228,19 @@ def _hold_place_one_statement(
     )
     if not rows:
         return None
-    hold = Hold(
-        pk=rows[0][0],
-        request_id=request_id,
-        account_id=api_key.account_id,
-        api_key=api_key,
-        model_alias=model_alias,
-        amount=amount,
-        budgeted=False,
-        created_at=now,
-        expires_at=expires_at,
+    return _as_loaded(
+        Hold(
+            pk=rows[0][0],
+            request_id=request_id,
+            account_id=api_key.account_id,
+            api_key=api_key,
+            model_alias=model_alias,
+            amount=amount,
+            budgeted=False,
+            created_at=now,
+            expires_at=expires_at,
+        )
     )
-    hold._state.adding = False
-    hold._state.db = connection.alias
-    return hold
 
 
 class _KeyGainedBudget(Exception):
@@ -565,25 +571,25 @@ def _hold_settle_common(
     if not rows:
         return None
     [(hold_id, api_key_id, alias, amount, created_at, expires_at, overrun, late, txn_id)] = rows
-    hold = Hold(
-        pk=hold_id,
-        request_id=request_id,
-        account_id=account_id,
-        api_key_id=api_key_id,
-        model_alias=alias,
-        amount=from_units(amount),
-        budgeted=False,
-        state=Hold.State.SETTLED,
-        created_at=created_at,
-        expires_at=expires_at,
-        resolved_at=now,
-        settled_amount=cost,
-        is_overrun=overrun,
-        is_late=late,
-        transaction_id=txn_id,
+    hold = _as_loaded(
+        Hold(
+            pk=hold_id,
+            request_id=request_id,
+            account_id=account_id,
+            api_key_id=api_key_id,
+            model_alias=alias,
+            amount=from_units(amount),
+            budgeted=False,
+            state=Hold.State.SETTLED,
+            created_at=created_at,
+            expires_at=expires_at,
+            resolved_at=now,
+            settled_amount=cost,
+            is_overrun=overrun,
+            is_late=late,
+            transaction_id=txn_id,
+        )
     )
-    hold._state.adding = False
-    hold._state.db = connection.alias
     return SettleResult(hold=hold, cost=cost, transaction_id=txn_id)
 
 
