@@ -25,6 +25,7 @@ import argparse
 import multiprocessing as mp
 import random
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -39,6 +40,7 @@ def _services_worker(
     index: int, run: str, keys: list[tuple[int, int]], ops: int, barrier: Any, out: Any
 ) -> None:
     common.django_setup()
+    from django.db import connection
     from django.utils import timezone
 
     from billing.models import ApiKey
@@ -71,7 +73,12 @@ def _services_worker(
             ),
         )
 
-    _timed(index, pair, ops, barrier, out)
+    def backend_pid() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return int(cursor.fetchone()[0])
+
+    _timed(index, pair, ops, barrier, out, backend_pid)
 
 
 def _raw_worker(
@@ -112,13 +119,21 @@ def _raw_worker(
                 (request_id, account_id, -cost),
             )
 
-    _timed(index, pair, ops, barrier, out)
+    def backend_pid() -> int:
+        return int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+
+    _timed(index, pair, ops, barrier, out, backend_pid)
 
 
-def _timed(index: int, pair: Any, ops: int, barrier: Any, out: Any) -> None:
+def _timed(
+    index: int, pair: Any, ops: int, barrier: Any, out: Any, backend_pid: Callable[[], int]
+) -> None:
     for i in range(3):  # warm-up: connection, prepared statements, imports
         pair(-1 - i)
+    backend = backend_pid()
     barrier.wait()
+    client_cpu = time.process_time()
+    backend_cpu = common.proc_cpu_seconds(backend)
     started = time.perf_counter()
     errors = 0
     for i in range(ops):
@@ -128,7 +143,17 @@ def _timed(index: int, pair: Any, ops: int, barrier: Any, out: Any) -> None:
             errors += 1
             if errors == 1:
                 print(f"worker {index}: {type(exc).__name__}: {exc}", flush=True)
-    out.put((started, time.perf_counter(), ops - errors, errors))
+    ended = time.perf_counter()
+    out.put(
+        (
+            started,
+            ended,
+            ops - errors,
+            errors,
+            time.process_time() - client_cpu,
+            common.proc_cpu_seconds(backend) - backend_cpu,
+        )
+    )
 
 
 def run_scenario(
@@ -154,6 +179,9 @@ def run_scenario(
         "errors": sum(r[3] for r in results),
         "seconds": end - start,
         "pairs_per_second": done / (end - start),
+        # CPU per pair: the worker processes' own, and their PostgreSQL backends'.
+        "client_cpu_ms_per_pair": 1000 * sum(r[4] for r in results) / max(done, 1),
+        "postgres_cpu_ms_per_pair": 1000 * sum(r[5] for r in results) / max(done, 1),
     }
 
 
@@ -184,7 +212,11 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=150, help="place+settle pairs per worker")
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--placements", default="hot,spread", help="comma-separated: hot, spread (default both)"
+    )
     args = parser.parse_args()
+    placements = [p for p in ("hot", "spread") if p in args.placements.split(",")]
 
     print("resetting the bench database ...", flush=True)
     common.database_reset()
@@ -207,6 +239,8 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for rep in range(args.repeat):
         for placement, scenario_keys in (("hot", hot), ("spread", keys)):
+            if placement not in placements:
+                continue
             for kind in ("raw", "services"):
                 run = f"{kind[0]}{placement[0]}{rep}"
                 r = run_scenario(
@@ -216,12 +250,14 @@ def main() -> None:
                 results.append(r)
                 print(
                     f"  {kind:<9} {placement:<7} {r['pairs_per_second']:8.0f} pairs/s "
-                    f"({r['pairs']} pairs in {r['seconds']:.2f} s, {r['errors']} errors)",
+                    f"({r['pairs']} pairs in {r['seconds']:.2f} s, {r['errors']} errors; "
+                    f"CPU ms/pair: client {r['client_cpu_ms_per_pair']:.2f}, "
+                    f"postgres {r['postgres_cpu_ms_per_pair']:.2f})",
                     flush=True,
                 )
 
     summary = []
-    for placement in ("hot", "spread"):
+    for placement in placements:
         raw = [
             r["pairs_per_second"]
             for r in results

@@ -114,6 +114,11 @@ if DATABASE_URL:
                 "max_lifetime": 600,
             },
             "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 3),
+            # Django turns prepared statements off unless this is set. Its ORM binds on the
+            # client and never prepares; only billing/sql.py's few hot statements ask to be
+            # prepared. Set DB_PREPARED_STATEMENTS=false behind a pooler that can't keep them
+            # (PgBouncer in transaction mode before 1.21).
+            "prepare_threshold": 5 if env_bool("DB_PREPARED_STATEMENTS", True) else None,
         }
     DATABASES = {"default": _db}
 else:

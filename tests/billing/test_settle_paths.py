@@ -235,3 +235,23 @@ def test_one_statement_steps_in_autocommit_write_all_or_nothing(
     account.refresh_from_db()
     assert (account.balance, account.held) == (D("0.75"), D(0))
     assert ledger_audit().clean
+
+
+def test_hot_statements_are_prepared_once_per_connection(
+    postgres_only: None, account: Account, issued_key: Any, now: datetime
+) -> None:
+    """Django disables prepared statements unless OPTIONS asks for them: without
+    prepare_threshold set, prepare=True was silently ignored and PostgreSQL parsed and planned
+    both statements on every request."""
+    key = issued_key.api_key
+    for n in range(3):
+        hold_place(api_key=key, request_id=f"p{n}", amount=D("0.1"), now=now, ttl_seconds=TTL)
+        hold_settle(request_id=f"p{n}", cost=D("0.01"), now=now, account_id=account.pk)
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT statement FROM pg_prepared_statements WHERE NOT from_sql ORDER BY name"
+        )
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert len([s for s in prepared if "INSERT INTO billing_hold" in s]) == 1
+    assert len([s for s in prepared if "INSERT INTO billing_ledgertransaction" in s]) == 1
