@@ -97,6 +97,9 @@ TEMPLATES = [
 # --- Database -----------------------------------------------------------------------------
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 _DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 32)
+# A pooled connection is replaced after this long (the gateway's database threads, which keep
+# theirs between steps, give it back after this long too).
+DB_CONNECTION_MAX_LIFETIME_SECONDS = 600
 if DATABASE_URL:
     _db = dj_database_url.parse(DATABASE_URL)
     if _db["ENGINE"] == "django.db.backends.postgresql":
@@ -111,7 +114,7 @@ if DATABASE_URL:
                 # How long a request may queue for a connection (a burst on one hot account
                 # queues behind its row lock) before it gets a 503 that charged nothing.
                 "timeout": env_int("DB_POOL_TIMEOUT_SECONDS", 30),
-                "max_lifetime": 600,
+                "max_lifetime": DB_CONNECTION_MAX_LIFETIME_SECONDS,
             },
             "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 3),
             # Django turns prepared statements off unless this is set. Its ORM binds on the
@@ -172,18 +175,20 @@ BILLING_DEFAULT_OUTPUT_PER_MTOK = env_str("BILLING_DEFAULT_OUTPUT_PER_MTOK", "")
 
 # --- Gateway ----------------------------------------------------------------------------------
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
-# Database threads per gateway process (gateway/pipeline.py): each holds one pooled connection
-# while it works. Requests placing holds at once (admission control; the rest queue on the
+# Database threads per gateway process (gateway/pipeline.py): each keeps one pooled connection
+# between its steps. Requests placing holds at once (admission control; the rest queue on the
 # event loop), and threads settling and releasing: together within the pool, so settles always
-# find a connection. A few per core is enough: measured on 2 cores, 16 + 16 threads were slower
-# than 4 + 4 (GIL hand-offs in the gateway, lock waiters in PostgreSQL on a hot account).
+# find a connection, with a few connections left for the read endpoints and the admin. A few
+# per core is enough: measured on 2 cores, 16 + 16 threads were slower than 4 + 4 (GIL
+# hand-offs in the gateway, lock waiters in PostgreSQL on a hot account).
 _DB_THREADS_PER_KIND = 2 * (os.cpu_count() or 1)
+_DB_POOL_FOR_THREADS = max(2, _DB_POOL_MAX_SIZE - max(1, _DB_POOL_MAX_SIZE // 8))
 GATEWAY_MAX_CONCURRENT_HOLDS = env_int(
-    "GATEWAY_MAX_CONCURRENT_HOLDS", max(1, min(_DB_POOL_MAX_SIZE // 2, _DB_THREADS_PER_KIND))
+    "GATEWAY_MAX_CONCURRENT_HOLDS", max(1, min(_DB_POOL_FOR_THREADS // 2, _DB_THREADS_PER_KIND))
 )
 GATEWAY_SETTLE_THREADS = env_int(
     "GATEWAY_SETTLE_THREADS",
-    max(1, min(_DB_POOL_MAX_SIZE - GATEWAY_MAX_CONCURRENT_HOLDS, _DB_THREADS_PER_KIND)),
+    max(1, min(_DB_POOL_FOR_THREADS - GATEWAY_MAX_CONCURRENT_HOLDS, _DB_THREADS_PER_KIND)),
 )
 # A request that waits longer than this to be admitted gets a 503 (nothing was held).
 GATEWAY_ADMISSION_TIMEOUT_SECONDS = env_int("GATEWAY_ADMISSION_TIMEOUT_SECONDS", 30)

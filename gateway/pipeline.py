@@ -20,8 +20,9 @@ import contextvars
 import functools
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,6 +85,28 @@ async def _in_threads(executor: ThreadPoolExecutor, work: Callable[..., T], **kw
     context = contextvars.copy_context()
     call = functools.partial(context.run, work, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+
+_kept = threading.local()
+
+
+@contextlib.contextmanager
+def _db_step() -> Iterator[None]:
+    """One database step in a pipeline thread. The thread keeps its pooled connection for its
+    next step: checking one out per step cost the pool's health-check round trip every time.
+    A connection that saw an error goes back to the pool (which checks it before lending it
+    again), and so does one kept longer than the pool's lifetime for its connections."""
+    try:
+        yield
+    finally:
+        now = time.monotonic()
+        if getattr(_kept, "connection", None) is not connection.connection:
+            _kept.connection, _kept.since = connection.connection, now
+        if (
+            connection.errors_occurred
+            or now - _kept.since > settings.DB_CONNECTION_MAX_LIFETIME_SECONDS
+        ):
+            connection.close()
 
 
 @dataclass
@@ -282,10 +305,8 @@ def request_json(request: HttpRequest) -> Any:
 
 def _authenticate(*, secret: str, now: datetime) -> ApiKey:
     """A key the cache did not know (sync, in a hold thread)."""
-    try:
+    with _db_step():
         return api_key_authenticate(secret=secret, now=now)
-    finally:
-        connection.close()
 
 
 def _hold_for(
@@ -298,9 +319,9 @@ def _hold_for(
     started: float,
 ) -> BilledRequest:
     """Resolve model and price, estimate the worst case and place the hold (sync, in a hold
-    thread). No DB connection is kept while we wait on the upstream: a few slow streams would
-    otherwise exhaust the pool."""
-    try:
+    thread). The request keeps no connection while it waits on the upstream: the connection
+    stays with the thread."""
+    with _db_step():
         return _hold_place_for(
             request_id=request_id,
             adapter=adapter,
@@ -309,8 +330,6 @@ def _hold_for(
             now=now,
             started=started,
         )
-    finally:
-        connection.close()
 
 
 def _hold_place_for(
@@ -496,32 +515,35 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
     cost = billed.price.cost(usage)
     details = billed.details(outcome)
     started = time.monotonic()
-    try:
-        result = hold_settle(
-            request_id=billed.request_id,
-            cost=cost,
-            now=timezone.now(),
-            usage=usage,
-            details=details,
-            account_id=billed.account_id,
-        )
-    except DatabaseError as exc:
-        logger.warning(
-            "settle of %s failed (%s); handing it to the retry task",
-            billed.request_id,
-            type(exc).__name__,
-        )
-        metrics.SETTLEMENTS.labels("handed_off").inc()
-        _handoff(
-            billed, usage=usage, cost=cost, details=details, error=f"{type(exc).__name__}: {exc}"
-        )
-        return cost
-    except (HoldAlreadyResolved, IdempotencyConflict) as exc:
-        logger.error("settle of %s refused: %s", billed.request_id, exc)
-        metrics.SETTLEMENTS.labels("refused").inc()
-        return cost
-    finally:
-        connection.close()
+    with _db_step():
+        try:
+            result = hold_settle(
+                request_id=billed.request_id,
+                cost=cost,
+                now=timezone.now(),
+                usage=usage,
+                details=details,
+                account_id=billed.account_id,
+            )
+        except DatabaseError as exc:
+            logger.warning(
+                "settle of %s failed (%s); handing it to the retry task",
+                billed.request_id,
+                type(exc).__name__,
+            )
+            metrics.SETTLEMENTS.labels("handed_off").inc()
+            _handoff(
+                billed,
+                usage=usage,
+                cost=cost,
+                details=details,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return cost
+        except (HoldAlreadyResolved, IdempotencyConflict) as exc:
+            logger.error("settle of %s refused: %s", billed.request_id, exc)
+            metrics.SETTLEMENTS.labels("refused").inc()
+            return cost
     metrics.SETTLE_LATENCY.observe(time.monotonic() - started)
     metrics.SETTLEMENTS.labels("replayed" if result.replayed else "settled").inc()
     if result.is_overrun:
@@ -568,17 +590,16 @@ def _handoff(
 
 
 def _release(*, billed: BilledRequest, outcome: str) -> None:
-    try:
-        hold_release(
-            request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)
-        )
-        metrics.HOLDS.labels("released").inc()
-    except DatabaseError:
-        # The hold stays and the sweeper reclaims it at expiry; the client still gets the
-        # upstream's error.
-        logger.exception("release of %s failed; it will expire", billed.request_id)
-    finally:
-        connection.close()
+    with _db_step():
+        try:
+            hold_release(
+                request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)
+            )
+            metrics.HOLDS.labels("released").inc()
+        except DatabaseError:
+            # The hold stays and the sweeper reclaims it at expiry; the client still gets the
+            # upstream's error.
+            logger.exception("release of %s failed; it will expire", billed.request_id)
 
 
 def upstream_error(failure: UpstreamFailure) -> GatewayError:
