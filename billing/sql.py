@@ -21,14 +21,14 @@ from django.db import connection, transaction
 
 
 def sql_rows(statement: str, params: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
-    """Run one statement in the current transaction and return its rows. Errors are Django's
+    """Run one statement that returns rows, in the current transaction. Errors are Django's
     (IntegrityError, OperationalError, ...), as from any Django cursor."""
     connection.ensure_connection()
     with connection.wrap_database_errors:
         with psycopg.Cursor(connection.connection) as cursor:
             # Prepared on first use: these are the few statements every request runs.
             cursor.execute(statement, params, prepare=True)
-            return cursor.fetchall() if cursor.description is not None else []
+            return cursor.fetchall()  # each statement here returns rows (RETURNING or SELECT)
 
 
 @contextmanager
