@@ -2,6 +2,10 @@ from django.urls import path
 
 from gateway import views
 
+# The completion endpoints: config/asgi.py sends these paths to the gateway's completion
+# handler (gateway/handler.py), everything else under /v1/ to its general one.
+COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/messages"})
+
 urlpatterns = [
     path("v1/chat/completions", views.ChatCompletionsView.as_view()),
     path("v1/messages", views.MessagesView.as_view()),
