@@ -156,6 +156,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--anthropic", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the gateway (repeatable), e.g. GATEWAY_SETTLE_THREADS=8",
+    )
     parser.add_argument("--profile-seconds", type=int, default=20)
     args = parser.parse_args()
     if args.profile and args.workers != 1:
@@ -168,7 +175,8 @@ def main() -> None:
     keys = common.gateway_seed(mock=mock, accounts=33)
     spread_keys = [k[1] for k in keys[:32]]
     hot_key = keys[32][1]
-    gateway = common.start_gateway(workers=args.workers)
+    gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
+    gateway = common.start_gateway(workers=args.workers, **gateway_env)
     print(
         f"mock {mock.url} (pid {mock.process.pid}); gateway {gateway.url} "
         f"({args.workers} uvicorn worker process(es), pid {gateway.pid})",

@@ -26,6 +26,9 @@ def upstream_session() -> aiohttp.ClientSession:
             # Relay bytes as the provider sent them; we never need to re-encode.
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
+            # Every customer's requests share this session: a cookie one upstream response
+            # sets (a CDN's, say) must not ride along with the next customer's request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         _session_loop = loop
     return _session
