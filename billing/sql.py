@@ -8,16 +8,23 @@ connection the first time it runs there, after which PostgreSQL only binds and e
 
 A hot statement that is a whole billing step runs as its own transaction
 (`one_statement_transaction`): in autocommit, without the BEGIN and COMMIT round trips.
+
+The gateway runs those whole-step statements from its event loop (`sql_rows_async`), over a
+small pool of async autocommit connections, so the common hold and settle cost no hand-off to
+a thread and back. Whatever they cannot decide goes to the sync services, in threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from django.db import connection, transaction
+from django.conf import settings
+from django.db import connection, connections, transaction
+from psycopg_pool import AsyncConnectionPool
 
 
 def sql_rows(statement: str, params: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
@@ -41,3 +48,49 @@ def one_statement_transaction() -> Iterator[None]:
             yield
     else:
         yield
+
+
+_async_pools: dict[asyncio.AbstractEventLoop, asyncio.Future[AsyncConnectionPool]] = {}
+
+
+async def sql_rows_async(statement: str, params: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
+    """Run one statement that returns rows as its own transaction, on the running event loop
+    (PostgreSQL only). Errors are psycopg's: the caller's fallback is the sync path."""
+    pool = await _async_pool()
+    async with pool.connection() as conn:
+        async with conn.cursor() as cursor:
+            await cursor.execute(statement, params, prepare=True)
+            return await cursor.fetchall()
+
+
+async def _async_pool() -> AsyncConnectionPool:
+    """This event loop's pool: Django's connection parameters (database, adapters, prepared
+    statements), autocommit. No health check per checkout: a broken connection fails its
+    statement, the caller falls back to the sync path, and the pool drops the connection."""
+    loop = asyncio.get_running_loop()
+    opening = _async_pools.get(loop)
+    if opening is None:
+        # A task, so that requests arriving while it opens all wait for the one pool.
+        opening = _async_pools[loop] = asyncio.ensure_future(_async_pool_open())
+    return await opening
+
+
+async def _async_pool_open() -> AsyncConnectionPool:
+    params = connections["default"].get_connection_params()
+    params.pop("cursor_factory", None)  # Django's sync cursor class
+    pool = AsyncConnectionPool(
+        kwargs={**params, "autocommit": True},
+        min_size=1,
+        max_size=settings.GATEWAY_ASYNC_DB_CONNECTIONS,
+        timeout=settings.DB_POOL_TIMEOUT_SECONDS,
+        open=False,
+    )
+    await pool.open()
+    return pool
+
+
+async def sql_async_pool_close() -> None:
+    """Close this event loop's pool, if it has one (its loop is ending: tests, shutdown)."""
+    opening = _async_pools.pop(asyncio.get_running_loop(), None)
+    if opening is not None:
+        await (await opening).close()

@@ -100,6 +100,9 @@ _DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 32)
 # A pooled connection is replaced after this long (the gateway's database threads, which keep
 # theirs between steps, give it back after this long too).
 DB_CONNECTION_MAX_LIFETIME_SECONDS = 600
+# How long a request may queue for a connection (a burst on one hot account queues behind its
+# row lock) before it gets a 503 that charged nothing.
+DB_POOL_TIMEOUT_SECONDS = env_int("DB_POOL_TIMEOUT_SECONDS", 30)
 if DATABASE_URL:
     _db = dj_database_url.parse(DATABASE_URL)
     if _db["ENGINE"] == "django.db.backends.postgresql":
@@ -111,9 +114,7 @@ if DATABASE_URL:
             "pool": {
                 "min_size": env_int("DB_POOL_MIN_SIZE", 1),
                 "max_size": _DB_POOL_MAX_SIZE,
-                # How long a request may queue for a connection (a burst on one hot account
-                # queues behind its row lock) before it gets a 503 that charged nothing.
-                "timeout": env_int("DB_POOL_TIMEOUT_SECONDS", 30),
+                "timeout": DB_POOL_TIMEOUT_SECONDS,
                 "max_lifetime": DB_CONNECTION_MAX_LIFETIME_SECONDS,
             },
             "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 3),
@@ -189,6 +190,12 @@ GATEWAY_MAX_CONCURRENT_HOLDS = env_int(
 GATEWAY_SETTLE_THREADS = env_int(
     "GATEWAY_SETTLE_THREADS",
     max(1, min(_DB_POOL_FOR_THREADS - GATEWAY_MAX_CONCURRENT_HOLDS, _DB_THREADS_PER_KIND)),
+)
+# Async connections per gateway process for the common hold and settle, run from the event
+# loop (billing/sql.py); outside DB_POOL_MAX_SIZE, so count them in PostgreSQL's
+# max_connections too.
+GATEWAY_ASYNC_DB_CONNECTIONS = env_int(
+    "GATEWAY_ASYNC_DB_CONNECTIONS", max(2, min(_DB_THREADS_PER_KIND, _DB_POOL_MAX_SIZE // 4))
 )
 # A request that waits longer than this to be admitted gets a 503 (nothing was held).
 GATEWAY_ADMISSION_TIMEOUT_SECONDS = env_int("GATEWAY_ADMISSION_TIMEOUT_SECONDS", 30)

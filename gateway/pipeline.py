@@ -40,13 +40,22 @@ from billing.errors import BillingError, HoldAlreadyResolved, IdempotencyConflic
 from billing.models import ApiKey
 from billing.money import QUANTUM, money_str
 from billing.pricing import Price, Usage
-from billing.services.holds import RequestDetails, hold_place, hold_release, hold_settle
+from billing.services.holds import (
+    RequestDetails,
+    SettleResult,
+    hold_place,
+    hold_place_async,
+    hold_release,
+    hold_settle,
+    hold_settle_async,
+)
 from gateway.auth import request_secret
 from gateway.errors import GatewayError, error_from_billing, invalid_param
 from gateway.selectors import (
     ModelContext,
     api_key_authenticate,
     api_key_from_cache,
+    model_context_cached,
     model_context_get,
     price_select,
 )
@@ -87,6 +96,10 @@ async def _in_threads(executor: ThreadPoolExecutor, work: Callable[..., T], **kw
     return await asyncio.get_running_loop().run_in_executor(executor, call)
 
 
+# Larger request bodies have their prompt counted in a hold thread: the tokenizer releases the
+# GIL, and counting a long prompt on the loop would stall every other request meanwhile.
+LOOP_PROMPT_MAX_BYTES = 64 * 1024
+
 _kept = threading.local()
 
 
@@ -107,6 +120,18 @@ def _db_step() -> Iterator[None]:
             or now - _kept.since > settings.DB_CONNECTION_MAX_LIFETIME_SECONDS
         ):
             connection.close()
+
+
+@dataclass(frozen=True)
+class HoldAsk:
+    """A request as the hold stage gets it: who asks, for what, and when."""
+
+    request_id: str
+    adapter: type[Adapter]
+    parsed: ParsedRequest
+    api_key: ApiKey
+    now: datetime
+    started: float  # monotonic
 
 
 @dataclass
@@ -148,9 +173,9 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
     started = time.monotonic()
     now = timezone.now()
     secret = request_secret(request)
-    api_key = api_key_from_cache(secret=secret, now=now) or await _in_threads(
-        _hold_threads, _authenticate, secret=secret, now=now
-    )
+    api_key = api_key_from_cache(secret=secret, now=now)
+    if api_key is None:
+        api_key = await _in_threads(_hold_threads, _authenticate, secret=secret, now=now)
     parsed = adapter.parse(request_json(request))
     admission = _admission_for_loop()
     try:
@@ -161,17 +186,16 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
         raise GatewayError(
             503, "The gateway is overloaded; retry shortly.", "server_error", "overloaded"
         ) from None
+    ask = HoldAsk(
+        request_id=request_id,
+        adapter=adapter,
+        parsed=parsed,
+        api_key=api_key,
+        now=now,
+        started=started,
+    )
     placing = asyncio.ensure_future(
-        _in_threads(
-            _hold_threads,
-            _hold_for,
-            request_id=request_id,
-            adapter=adapter,
-            parsed=parsed,
-            api_key=api_key,
-            now=now,
-            started=started,
-        )
+        _hold_stage(ask, on_loop=len(request.body) <= LOOP_PROMPT_MAX_BYTES)
     )
     try:
         billed = await asyncio.shield(placing)
@@ -251,9 +275,7 @@ async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponse
     usage = adapter.usage_from_body(payload)
     if usage is None:
         usage = _estimated_usage(billed, reported=None, generated=adapter.texts_from_body(payload))
-    cost = await _in_threads(
-        _settle_threads, _settle, billed=billed, usage=usage, outcome="completed"
-    )
+    cost = await _settle_stage(billed=billed, usage=usage, outcome="completed")
     response = JsonResponse(adapter.with_cost(payload, usage=usage, cost=money_str(cost)))
     response["x-request-cost"] = money_str(cost)
     return response
@@ -309,41 +331,53 @@ def _authenticate(*, secret: str, now: datetime) -> ApiKey:
         return api_key_authenticate(secret=secret, now=now)
 
 
-def _hold_for(
-    *,
-    request_id: str,
-    adapter: type[Adapter],
-    parsed: ParsedRequest,
-    api_key: ApiKey,
-    now: datetime,
-    started: float,
-) -> BilledRequest:
+def _hold_for(ask: HoldAsk) -> BilledRequest:
     """Resolve model and price, estimate the worst case and place the hold (sync, in a hold
     thread). The request keeps no connection while it waits on the upstream: the connection
     stays with the thread."""
     with _db_step():
-        return _hold_place_for(
-            request_id=request_id,
-            adapter=adapter,
-            parsed=parsed,
-            api_key=api_key,
-            now=now,
-            started=started,
+        billed = _billed_for(ask, context=model_context_get(alias=ask.parsed.model))
+        try:
+            hold_place(
+                api_key=ask.api_key,
+                request_id=ask.request_id,
+                amount=billed.hold_amount,
+                now=ask.now,
+                model_alias=ask.parsed.model,
+            )
+        except BillingError as exc:
+            metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
+            raise error_from_billing(exc) from exc
+    metrics.HOLDS.labels("placed").inc()
+    return billed
+
+
+async def _hold_stage(ask: HoldAsk, *, on_loop: bool) -> BilledRequest:
+    """Price, estimate and hold. The common hold (a prompt small enough to count on the loop,
+    route and tariffs cached, a key without a budget, the hold placed) stays on the event loop;
+    anything else, and a hold the loop's statement did not place, goes to a hold thread, which
+    decides and says why."""
+    context = model_context_cached(alias=ask.parsed.model) if on_loop else None
+    if context is not None:
+        billed = _billed_for(ask, context=context)
+        placed = await hold_place_async(
+            api_key=ask.api_key,
+            request_id=ask.request_id,
+            amount=billed.hold_amount,
+            now=ask.now,
+            model_alias=ask.parsed.model,
         )
+        if placed is not None:
+            metrics.HOLDS.labels("placed").inc()
+            return billed
+    return await _in_threads(_hold_threads, _hold_for, ask=ask)
 
 
-def _hold_place_for(
-    *,
-    request_id: str,
-    adapter: type[Adapter],
-    parsed: ParsedRequest,
-    api_key: ApiKey,
-    now: datetime,
-    started: float,
-) -> BilledRequest:
-    context = model_context_get(alias=parsed.model)
+def _billed_for(ask: HoldAsk, *, context: ModelContext) -> BilledRequest:
+    """The price and the worst case the hold must cover (no database)."""
+    parsed = ask.parsed
     try:
-        price = price_select(context=context, api_key=api_key, at=now)
+        price = price_select(context=context, api_key=ask.api_key, at=ask.now)
     except BillingError as exc:
         raise error_from_billing(exc) from exc
     max_output = parsed.max_output_tokens or context.max_output_tokens
@@ -360,30 +394,18 @@ def _hold_place_for(
         ),
         QUANTUM,
     )
-    try:
-        hold_place(
-            api_key=api_key,
-            request_id=request_id,
-            amount=hold_amount,
-            now=now,
-            model_alias=parsed.model,
-        )
-    except BillingError as exc:
-        metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
-        raise error_from_billing(exc) from exc
-    metrics.HOLDS.labels("placed").inc()
     return BilledRequest(
-        request_id=request_id,
-        account_id=api_key.account_id,
-        adapter=adapter,
+        request_id=ask.request_id,
+        account_id=ask.api_key.account_id,
+        adapter=ask.adapter,
         parsed=parsed,
         context=context,
         price=price,
         prompt_tokens=prompt_tokens,
         hold_amount=hold_amount,
         max_output_tokens=max_output,
-        started_at=now,
-        started=started,
+        started_at=ask.now,
+        started=ask.started,
     )
 
 
@@ -486,9 +508,7 @@ async def _settle_protected(
         else _estimated_usage(billed, reported=state.usage, generated=state.generated_texts())
     )
     assert usage is not None
-    cost = await _to_completion(
-        _in_threads(_settle_threads, _settle, billed=billed, usage=usage, outcome=outcome)
-    )
+    cost = await _to_completion(_settle_stage(billed=billed, usage=usage, outcome=outcome))
     return usage, cost
 
 
@@ -544,6 +564,34 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
             logger.error("settle of %s refused: %s", billed.request_id, exc)
             metrics.SETTLEMENTS.labels("refused").inc()
             return cost
+    _settled_count(billed, result=result, cost=cost, usage=usage, started=started)
+    return cost
+
+
+async def _settle_stage(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
+    """Post the exact cost. The common settle stays on the event loop; anything else, and
+    any failure there, goes to a settle thread (_settle), which decides or hands it off."""
+    cost = billed.price.cost(usage)
+    started = time.monotonic()
+    result = await hold_settle_async(
+        request_id=billed.request_id,
+        account_id=billed.account_id,
+        cost=cost,
+        now=timezone.now(),
+        usage=usage,
+        details=billed.details(outcome),
+    )
+    if result is None:
+        return await _in_threads(
+            _settle_threads, _settle, billed=billed, usage=usage, outcome=outcome
+        )
+    _settled_count(billed, result=result, cost=cost, usage=usage, started=started)
+    return cost
+
+
+def _settled_count(
+    billed: BilledRequest, *, result: SettleResult, cost: Decimal, usage: Usage, started: float
+) -> None:
     metrics.SETTLE_LATENCY.observe(time.monotonic() - started)
     metrics.SETTLEMENTS.labels("replayed" if result.replayed else "settled").inc()
     if result.is_overrun:
@@ -561,7 +609,6 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
     if usage.estimated:
         metrics.ESTIMATED_USAGE.inc()
     _count_tokens(billed.parsed.model, usage)
-    return cost
 
 
 def _count_tokens(model: str, usage: Usage) -> None:

@@ -138,6 +138,14 @@ def _model_context_load(alias: str) -> ModelContext | None:
     )
 
 
+def model_context_cached(*, alias: str) -> ModelContext | None:
+    """The context if this process has it cached (no database read: safe on the event loop);
+    None for a miss or an unknown model, which model_context_get then loads or refuses."""
+    with _cache_lock:
+        value = _cache.get(f"model:{alias}")
+    return value if isinstance(value, ModelContext) else None
+
+
 def model_context_get(*, alias: str) -> ModelContext:
     context = _cached(f"model:{alias}", lambda: _model_context_load(alias))
     if context is None:

@@ -5,11 +5,14 @@ Lock order everywhere: hold row, then account rows (ascending id), then the API 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
@@ -37,7 +40,9 @@ from billing.services.ledger import (
     request_idempotency_key,
     system_account_id,
 )
-from billing.sql import one_statement_transaction, sql_rows
+from billing.sql import one_statement_transaction, sql_rows, sql_rows_async
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -213,34 +218,89 @@ def _as_loaded(hold: Hold) -> Hold:
 def _hold_place_one_statement(
     *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
 ) -> Hold | None:
-    expires_at = now + timedelta(seconds=ttl)
-    rows = sql_rows(
-        _HOLD_PLACE_SQL,
-        {
-            "amount": to_units(amount),
-            "account_id": api_key.account_id,
-            "request_id": request_id,
-            "api_key_id": api_key.pk,
-            "model_alias": model_alias,
-            "now": now,
-            "expires_at": expires_at,
-        },
+    params = _hold_place_params(
+        api_key=api_key,
+        request_id=request_id,
+        amount=amount,
+        now=now,
+        model_alias=model_alias,
+        ttl=ttl,
     )
+    return _placed(sql_rows(_HOLD_PLACE_SQL, params), params=params, api_key=api_key, amount=amount)
+
+
+def _hold_place_params(
+    *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
+) -> dict[str, Any]:
+    return {
+        "amount": to_units(amount),
+        "account_id": api_key.account_id,
+        "request_id": request_id,
+        "api_key_id": api_key.pk,
+        "model_alias": model_alias,
+        "now": now,
+        "expires_at": now + timedelta(seconds=ttl),
+    }
+
+
+def _placed(
+    rows: Sequence[tuple[Any, ...]], *, params: dict[str, Any], api_key: ApiKey, amount: Decimal
+) -> Hold | None:
     if not rows:
         return None
     return _as_loaded(
         Hold(
             pk=rows[0][0],
-            request_id=request_id,
+            request_id=params["request_id"],
             account_id=api_key.account_id,
             api_key=api_key,
-            model_alias=model_alias,
+            model_alias=params["model_alias"],
             amount=amount,
             budgeted=False,
-            created_at=now,
-            expires_at=expires_at,
+            created_at=params["now"],
+            expires_at=params["expires_at"],
         )
     )
+
+
+async def hold_place_async(
+    *,
+    api_key: ApiKey,
+    request_id: str,
+    amount: Decimal,
+    now: datetime,
+    model_alias: str = "",
+    ttl_seconds: int | None = None,
+) -> Hold | None:
+    """hold_place's common case from the event loop (PostgreSQL, a key without a budget): the
+    same one statement, on an async connection, so the caller needs no thread. None when it
+    placed nothing (refused, a replay, the key changed) or could not run: then hold_place, in a
+    thread, decides and says why. Nothing was written in that case."""
+    if connection.vendor != "postgresql" or _is_budgeted(api_key) or amount <= 0:
+        return None
+    ttl = ttl_seconds if ttl_seconds is not None else settings.BILLING_HOLD_TTL_SECONDS
+    params = _hold_place_params(
+        api_key=api_key,
+        request_id=request_id,
+        amount=amount,
+        now=now,
+        model_alias=model_alias,
+        ttl=ttl,
+    )
+    rows = await _rows_or_none_async(_HOLD_PLACE_SQL, params, step="hold")
+    return _placed(rows or [], params=params, api_key=api_key, amount=amount)
+
+
+async def _rows_or_none_async(
+    statement: str, params: dict[str, Any], *, step: str
+) -> Sequence[tuple[Any, ...]] | None:
+    """The statement's rows, or None if it failed (a taken request id, the database): then
+    nothing was written and the sync path decides again."""
+    try:
+        return await sql_rows_async(statement, params)
+    except psycopg.Error as exc:
+        logger.info("async %s of %s fell back: %s", step, params["request_id"], type(exc).__name__)
+        return None
 
 
 class _KeyGainedBudget(Exception):
@@ -528,6 +588,61 @@ def _hold_settle_common(
         if not found:
             return None
         [(account_id,)] = found
+    return _settled(
+        sql_rows(
+            _SETTLE_SQL,
+            _settle_params(
+                request_id=request_id,
+                account_id=account_id,
+                cost=cost,
+                now=now,
+                usage=usage,
+                details=details,
+            ),
+        ),
+        request_id=request_id,
+        account_id=account_id,
+        cost=cost,
+        now=now,
+    )
+
+
+async def hold_settle_async(
+    *,
+    request_id: str,
+    account_id: int,
+    cost: Decimal,
+    now: datetime,
+    usage: Usage | None = None,
+    details: RequestDetails | None = None,
+) -> SettleResult | None:
+    """hold_settle's common case from the event loop (PostgreSQL, an active hold of a key
+    without a budget, nothing posted yet): the same one statement, on an async connection.
+    None when it wrote nothing or could not run: then hold_settle, in a thread, decides
+    (replays, late settles, budgets, refusals, a database outage and its hand-off)."""
+    if connection.vendor != "postgresql" or cost < 0:
+        return None
+    params = _settle_params(
+        request_id=request_id,
+        account_id=account_id,
+        cost=cost,
+        now=now,
+        usage=usage,
+        details=details,
+    )
+    rows = await _rows_or_none_async(_SETTLE_SQL, params, step="settle")
+    return _settled(rows or [], request_id=request_id, account_id=account_id, cost=cost, now=now)
+
+
+def _settle_params(
+    *,
+    request_id: str,
+    account_id: int,
+    cost: Decimal,
+    now: datetime,
+    usage: Usage | None,
+    details: RequestDetails | None,
+) -> dict[str, Any]:
     # The posting's identity, as ledger_post would compute it (the legs are fixed by the
     # account and the cost; nothing else the statement decides enters it).
     posting = Posting(
@@ -543,31 +658,38 @@ def _hold_settle_common(
     if cost > 0:
         posting_validate(posting)
     usage = usage or Usage()
-    rows = sql_rows(
-        _SETTLE_SQL,
-        {
-            "request_id": request_id,
-            "account_id": account_id,
-            "cost": to_units(cost),
-            "now": now,
-            "idempotency_key": posting.idempotency_key,
-            "content_hash": posting.content_hash,
-            "revenue_id": system_account_id(Account.Kind.REVENUE),
-            "record_usage": details is not None,
-            "endpoint": details.endpoint if details else "",
-            "stream": details.stream if details else False,
-            "outcome": details.outcome if details else "",
-            "started_at": details.started_at if details else now,
-            "first_byte_ms": details.first_byte_ms if details else None,
-            "duration_ms": details.duration_ms if details else None,
-            "input_tokens": usage.input_tokens,
-            "cached_input_tokens": usage.cached_input_tokens,
-            "cache_write_tokens": usage.cache_write_tokens,
-            "output_tokens": usage.output_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-            "estimated": usage.estimated,
-        },
-    )
+    return {
+        "request_id": request_id,
+        "account_id": account_id,
+        "cost": to_units(cost),
+        "now": now,
+        "idempotency_key": posting.idempotency_key,
+        "content_hash": posting.content_hash,
+        "revenue_id": system_account_id(Account.Kind.REVENUE),
+        "record_usage": details is not None,
+        "endpoint": details.endpoint if details else "",
+        "stream": details.stream if details else False,
+        "outcome": details.outcome if details else "",
+        "started_at": details.started_at if details else now,
+        "first_byte_ms": details.first_byte_ms if details else None,
+        "duration_ms": details.duration_ms if details else None,
+        "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "output_tokens": usage.output_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "estimated": usage.estimated,
+    }
+
+
+def _settled(
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    request_id: str,
+    account_id: int,
+    cost: Decimal,
+    now: datetime,
+) -> SettleResult | None:
     if not rows:
         return None
     [(hold_id, api_key_id, alias, amount, created_at, expires_at, overrun, late, txn_id)] = rows

@@ -57,6 +57,28 @@ def test_openai_non_stream_charges_tariff_times_usage(world):
     assert_clean(world.account)
 
 
+def test_a_prompt_too_long_to_count_on_the_event_loop_is_held_and_charged_alike(world):
+    """Bodies over LOOP_PROMPT_MAX_BYTES have their hold placed in a hold thread; the first,
+    small request warms the route cache, so its hold is placed from the event loop."""
+    from gateway.pipeline import LOOP_PROMPT_MAX_BYTES
+
+    small = user("short [mock:tokens=3]")
+    long = user("word " * (LOOP_PROMPT_MAX_BYTES // 5 + 100) + "[mock:tokens=3]")
+    spent = Decimal(0)
+    for messages in (small, long):
+        raw = world.openai().chat.completions.with_raw_response.create(
+            model=world.openai_model, messages=messages
+        )
+        request_id = raw.headers["x-request-id"]
+        cost = expected_cost(Usage(input_tokens=mock_prompt_tokens(messages), output_tokens=3))
+        hold = Hold.objects.get(request_id=request_id)
+        assert hold.state == Hold.State.SETTLED and hold.amount >= cost
+        assert charged(request_id) == cost
+        spent += cost
+    assert balance(world.account) == (START - spent, 0)
+    assert_clean(world.account)
+
+
 @pytest.mark.parametrize("include_usage", [True, False], ids=["include_usage", "no_include_usage"])
 def test_openai_stream_charges_exactly_with_and_without_usage_chunk(world, include_usage):
     messages = user("Count [mock:tokens=12]")
