@@ -50,6 +50,10 @@ def one_statement_transaction() -> Iterator[None]:
         yield
 
 
+ASYNC_POOL_TIMEOUT_SECONDS = 5
+# How these connections show in pg_stat_activity.
+ASYNC_APPLICATION_NAME = "billing-gateway-async"
+
 _async_pools: dict[asyncio.AbstractEventLoop, asyncio.Future[AsyncConnectionPool]] = {}
 
 
@@ -79,10 +83,11 @@ async def _async_pool_open() -> AsyncConnectionPool:
     params = connections["default"].get_connection_params()
     params.pop("cursor_factory", None)  # Django's sync cursor class
     pool = AsyncConnectionPool(
-        kwargs={**params, "autocommit": True},
+        kwargs={**params, "autocommit": True, "application_name": ASYNC_APPLICATION_NAME},
         min_size=1,
         max_size=settings.GATEWAY_ASYNC_DB_CONNECTIONS,
-        timeout=settings.DB_POOL_TIMEOUT_SECONDS,
+        # Waiting longer for one of these is pointless: the sync path is the fallback.
+        timeout=min(ASYNC_POOL_TIMEOUT_SECONDS, settings.DB_POOL_TIMEOUT_SECONDS),
         open=False,
     )
     await pool.open()

@@ -10,7 +10,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
+from django.db import connections
 
 from billing.models import Hold, LedgerTransaction, UsageRecord
 from billing.pricing import Usage
@@ -23,7 +25,7 @@ from billing.services.holds import (
     hold_settle,
     hold_settle_async,
 )
-from billing.sql import sql_async_pool_close
+from billing.sql import ASYNC_APPLICATION_NAME, sql_async_pool_close
 from tests.billing.test_settle_paths import _rows
 from tests.factories import make_account, make_key
 
@@ -142,4 +144,37 @@ def test_async_paths_write_nothing_and_leave_the_decision_to_the_sync_services(
     assert LedgerTransaction.objects.filter(request_id="r2").count() == 1
     account.refresh_from_db()
     assert (account.balance, account.held) == (D("0.9"), D(0))
+    assert ledger_audit().clean
+
+
+def test_an_async_connection_lost_mid_request_writes_nothing_and_the_sync_path_places_it(
+    postgres_only: None, now: datetime
+) -> None:
+    """A database restart (here: the async connection terminated) fails the statement; the
+    caller gets None and the sync path, on its own connection, does the step."""
+    account = make_account(credits=D("1"), now=now)
+    key = make_key(account=account, now=now).api_key
+    place: dict[str, Any] = dict(api_key=key, amount=D("0.5"), now=now)
+
+    async def lose_the_connection_then_place() -> Hold | None:
+        try:
+            assert await hold_place_async(request_id="before", **place) is not None
+            params = connections["default"].get_connection_params()
+            params.pop("cursor_factory")
+            with psycopg.connect(**params, autocommit=True) as admin:
+                ended = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name = %s",
+                    [ASYNC_APPLICATION_NAME],
+                ).fetchone()
+            assert ended is not None and ended[0] >= 1
+            return await hold_place_async(request_id="after", **place)
+        finally:
+            await sql_async_pool_close()
+
+    assert asyncio.run(lose_the_connection_then_place()) is None
+    assert not Hold.objects.filter(request_id="after").exists()
+    hold_place(request_id="after", **place)
+    account.refresh_from_db()
+    assert account.held == D("1.0")
     assert ledger_audit().clean
