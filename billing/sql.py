@@ -76,7 +76,11 @@ async def _async_pool() -> AsyncConnectionPool:
     if opening is None:
         # A task, so that requests arriving while it opens all wait for the one pool.
         opening = _async_pools[loop] = asyncio.ensure_future(_async_pool_open())
-    return await opening
+    try:
+        return await opening
+    except Exception:
+        _async_pools.pop(loop, None)  # the next request tries again
+        raise
 
 
 async def _async_pool_open() -> AsyncConnectionPool:

@@ -7,8 +7,8 @@ hops per request.
 Two handlers share that one middleware (config/asgi.py picks by path):
 
 - `CompletionASGIHandler` serves the completion endpoints, whose async views stay on the event
-  loop except for the hold and the settle, which run in the pipeline's own database threads.
-  Nothing of a completion request runs in a request thread, so it gets none, and Django's
+  loop; their database work runs on the pipeline's async connections or in its own database
+  threads. Nothing of a completion request runs in a request thread, so it gets none, and Django's
   request_started and request_finished signals are not sent: their receivers close the request
   thread's database connections and caches, which a completion request never opens, and each
   send cost a thread hop. At 32 concurrent requests those hops and the threads they woke were a

@@ -1,12 +1,14 @@
 """The one billing pipeline every endpoint goes through.
 
 authenticate -> validate -> resolve model and price -> estimate the worst case -> hold
--> give the DB connection back -> call upstream -> relay -> settle.
+-> call upstream -> relay -> settle.
 
-Async: a request lives on the event loop. Only its database work leaves it, each step as one
-call into a small thread pool whose threads own pooled connections: the hold (with any cache
-miss before it) in the hold threads, the settle or release in the settle threads. The two
-pools split the database pool, so a burst of new requests can never take the connections
+Async: a request lives on the event loop. The common hold and settle are one statement each
+on an async connection (billing's hold_place_async, hold_settle_async). Everything else the
+database decides (a key or route the caches miss, a refusal and its reason, a replay, a key
+with a budget, any database error) is one call into a small thread pool whose threads keep
+pooled connections: the hold threads, and the settle threads for settles and releases. The
+two pools split the database pool, so a burst of new requests can never take the connections
 that money already due needs. Settlement is awaited (shielded from the client's cancellation)
 and a stream's last bytes go out only after it has committed. A settle that cannot be written
 is handed to the retry task; the hold stays until it is settled or expires into reconciliation.
