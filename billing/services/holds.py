@@ -130,45 +130,43 @@ def hold_place(
     if amount <= 0:
         raise InvalidAmount("a hold must be positive")
     ttl = ttl_seconds if ttl_seconds is not None else settings.BILLING_HOLD_TTL_SECONDS
-    if connection.vendor == "postgresql" and not _is_budgeted(api_key):
+    params = _one_statement_hold_params(
+        api_key=api_key,
+        request_id=request_id,
+        amount=amount,
+        now=now,
+        model_alias=model_alias,
+        ttl=ttl,
+    )
+    if params is not None:
         try:
             with one_statement_transaction():
-                placed = _hold_place_one_statement(
-                    api_key=api_key,
-                    request_id=request_id,
-                    amount=amount,
-                    now=now,
-                    model_alias=model_alias,
-                    ttl=ttl,
-                )
+                rows = sql_rows(_HOLD_PLACE_SQL, params)
         except IntegrityError:
-            placed = None  # the request id is taken: the general path replays it
+            rows = []  # the request id is taken: the general path replays it
+        placed = _placed(rows, params=params, api_key=api_key, amount=amount)
         if placed is not None:
             return placed
         # Refused, a replay, or the key changed: nothing was written; the general path below
         # decides again and says why.
+
+    def general(key: ApiKey) -> Hold:
+        with transaction.atomic(durable=True):
+            return _hold_place(
+                api_key=key,
+                request_id=request_id,
+                amount=amount,
+                now=now,
+                model_alias=model_alias,
+                ttl=ttl,
+            )
+
     try:
         try:
-            with transaction.atomic(durable=True):
-                return _hold_place(
-                    api_key=api_key,
-                    request_id=request_id,
-                    amount=amount,
-                    now=now,
-                    model_alias=model_alias,
-                    ttl=ttl,
-                )
+            return general(api_key)
         except _KeyGainedBudget as changed:
             # The caller's copy of the key (the gateway caches keys) predates its budget.
-            with transaction.atomic(durable=True):
-                return _hold_place(
-                    api_key=changed.api_key,
-                    request_id=request_id,
-                    amount=amount,
-                    now=now,
-                    model_alias=model_alias,
-                    ttl=ttl,
-                )
+            return general(changed.api_key)
     except IntegrityError:
         # The request id is taken: a retry gets the original hold back (it fails on the
         # unique index before any balance check, so even a now-exhausted account replays).
@@ -215,23 +213,13 @@ def _as_loaded(hold: Hold) -> Hold:
     return hold
 
 
-def _hold_place_one_statement(
+def _one_statement_hold_params(
     *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
-) -> Hold | None:
-    params = _hold_place_params(
-        api_key=api_key,
-        request_id=request_id,
-        amount=amount,
-        now=now,
-        model_alias=model_alias,
-        ttl=ttl,
-    )
-    return _placed(sql_rows(_HOLD_PLACE_SQL, params), params=params, api_key=api_key, amount=amount)
-
-
-def _hold_place_params(
-    *, api_key: ApiKey, request_id: str, amount: Decimal, now: datetime, model_alias: str, ttl: int
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """The one-statement hold's parameters, or None where it does not apply (not PostgreSQL, a
+    key with a budget: the general path places those)."""
+    if connection.vendor != "postgresql" or _is_budgeted(api_key):
+        return None
     return {
         "amount": to_units(amount),
         "account_id": api_key.account_id,
@@ -276,17 +264,16 @@ async def hold_place_async(
     same one statement, on an async connection, so the caller needs no thread. None when it
     placed nothing (refused, a replay, the key changed) or could not run: then hold_place, in a
     thread, decides and says why. Nothing was written in that case."""
-    if connection.vendor != "postgresql" or _is_budgeted(api_key) or amount <= 0:
-        return None
-    ttl = ttl_seconds if ttl_seconds is not None else settings.BILLING_HOLD_TTL_SECONDS
-    params = _hold_place_params(
+    params = _one_statement_hold_params(
         api_key=api_key,
         request_id=request_id,
         amount=amount,
         now=now,
         model_alias=model_alias,
-        ttl=ttl,
+        ttl=ttl_seconds if ttl_seconds is not None else settings.BILLING_HOLD_TTL_SECONDS,
     )
+    if params is None or amount <= 0:
+        return None
     rows = await _rows_or_none_async(_HOLD_PLACE_SQL, params, step="hold")
     return _placed(rows or [], params=params, api_key=api_key, amount=amount)
 
