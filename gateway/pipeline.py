@@ -76,8 +76,9 @@ _settle_threads = ThreadPoolExecutor(
     settings.GATEWAY_SETTLE_THREADS, thread_name_prefix="gateway-settle"
 )
 # Admission control: at most GATEWAY_MAX_CONCURRENT_HOLDS requests wait for or place a hold
-# at once (one per hold thread, maybe waiting on a busy account's row lock); the rest queue
-# here, on the loop, and get a 503 after GATEWAY_ADMISSION_TIMEOUT_SECONDS.
+# at once (on an async connection or in a hold thread, maybe waiting on a busy account's row
+# lock); the rest queue here, on the loop, and get a 503 after
+# GATEWAY_ADMISSION_TIMEOUT_SECONDS.
 _admission: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
 
@@ -89,10 +90,10 @@ def _admission_for_loop() -> asyncio.Semaphore:
 
 
 async def _in_threads(executor: ThreadPoolExecutor, work: Callable[..., T], **kwargs: Any) -> T:
-    """Run sync database work in one of `executor`'s threads, in a copy of this context (its
-    connection is given back to the pool before the call returns). Django's connections are
-    per thread and these threads run no event loop, so the ORM is safe there; asgiref's
-    sync_to_async would add per-call machinery for thread-sensitivity we do not want."""
+    """Run sync database work in one of `executor`'s threads, in a copy of this context (the
+    thread keeps its own connection: `_db_step`). Django's connections are per thread and these
+    threads run no event loop, so the ORM is safe there; asgiref's sync_to_async would add
+    per-call machinery for thread-sensitivity we do not want."""
     context = contextvars.copy_context()
     call = functools.partial(context.run, work, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(executor, call)

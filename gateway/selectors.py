@@ -44,9 +44,14 @@ _key_cache: TTLCache[str, Any] = TTLCache(
 _cache_lock = threading.Lock()
 
 
-def _cached(key: str, load: Callable[[], Any], cache: TTLCache[str, Any] = _cache) -> Any:
+def _peek(key: str, cache: TTLCache[str, Any] = _cache) -> Any:
+    """The cached value, or _MISSING (no database: safe on the event loop)."""
     with _cache_lock:
-        value = cache.get(key, _MISSING)
+        return cache.get(key, _MISSING)
+
+
+def _cached(key: str, load: Callable[[], Any], cache: TTLCache[str, Any] = _cache) -> Any:
+    value = _peek(key, cache)
     if value is _MISSING:
         value = load()
         with _cache_lock:
@@ -90,9 +95,7 @@ def api_key_authenticate(*, secret: str, now: datetime, cached: bool = True) -> 
 def api_key_from_cache(*, secret: str, now: datetime) -> ApiKey | None:
     """api_key_authenticate without the database: None when this process has not seen the
     key within the TTL (callable on the event loop)."""
-    digest = _key_digest(secret)
-    with _cache_lock:
-        api_key = _key_cache.get(digest, _MISSING)
+    api_key = _peek(_key_digest(secret), _key_cache)
     if api_key is _MISSING:
         return None
     return _key_checked(api_key, now=now)
@@ -141,8 +144,7 @@ def _model_context_load(alias: str) -> ModelContext | None:
 def model_context_cached(*, alias: str) -> ModelContext | None:
     """The context if this process has it cached (no database read: safe on the event loop);
     None for a miss or an unknown model, which model_context_get then loads or refuses."""
-    with _cache_lock:
-        value = _cache.get(f"model:{alias}")
+    value = _peek(f"model:{alias}")
     return value if isinstance(value, ModelContext) else None
 
 
