@@ -15,9 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    var_dir = tmp_path_factory.mktemp("sqlite-var")
+def _sqlite_migrated(var_dir: Path) -> dict[str, str]:
+    """Migrate the embedded SQLite database under `var_dir`; the environment that uses it."""
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
     env |= {"BILLING_VAR_DIR": str(var_dir), "DJANGO_SETTINGS_MODULE": "config.settings"}
     subprocess.run(
@@ -27,6 +26,13 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         timeout=300,
     )
+    return env
+
+
+@pytest.fixture(scope="module")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    var_dir = tmp_path_factory.mktemp("sqlite-var")
+    _sqlite_migrated(var_dir)
     return var_dir / "billing.sqlite3"
 
 
@@ -95,15 +101,7 @@ print(json.dumps({
 
 def test_holds_settle_release_and_expire_on_the_embedded_sqlite_database(tmp_path):
     """The ORM paths (SQLite has no single-statement hold or sweep) keep every invariant."""
-    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
-    env |= {"BILLING_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "config.settings"}
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=300,
-    )
+    env = _sqlite_migrated(tmp_path)
     result = subprocess.run(
         [sys.executable, "manage.py", "shell", "-c", SQLITE_MONEY_PATHS],
         cwd=ROOT,
