@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 
@@ -123,6 +123,30 @@ def _db_step() -> Iterator[None]:
             or now - _kept.since > settings.DB_CONNECTION_MAX_LIFETIME_SECONDS
         ):
             connection.close()
+
+
+def _on_live_connection(work: Callable[..., T], /, **kwargs: Any) -> T:
+    """work(**kwargs); once more if the thread's kept connection turned out to be dead (the
+    database restarted, failed over or dropped it while it sat idle): the retry checks out a
+    live one (the pool checks before lending). Only a lost connection is retried, never a
+    refusal, a lock timeout or a constraint. Every step run this way is idempotent by request
+    id (authenticate reads; a hold, settle or release replays), so a first try that committed
+    before its connection went cannot hold or charge twice."""
+    reused = connection.connection is not None
+    try:
+        return work(**kwargs)
+    except (OperationalError, InterfaceError):
+        if not (reused and _connection_lost()):
+            raise
+        logger.warning("database connection lost while idle; retrying on a fresh one")
+        connection.close()
+    return work(**kwargs)
+
+
+def _connection_lost() -> bool:
+    # Django drops a connection whose rollback failed; psycopg marks one whose socket failed.
+    conn = connection.connection
+    return conn is None or bool(conn.closed) or bool(conn.broken)
 
 
 @dataclass(frozen=True)
@@ -331,7 +355,7 @@ def request_json(request: HttpRequest) -> Any:
 def _authenticate(*, secret: str, now: datetime) -> ApiKey:
     """A key the cache did not know (sync, in a hold thread)."""
     with _db_step():
-        return api_key_authenticate(secret=secret, now=now)
+        return _on_live_connection(api_key_authenticate, secret=secret, now=now)
 
 
 def _hold_for(ask: HoldAsk) -> BilledRequest:
@@ -339,19 +363,24 @@ def _hold_for(ask: HoldAsk) -> BilledRequest:
     thread). The request keeps no connection while it waits on the upstream: the connection
     stays with the thread."""
     with _db_step():
-        billed = _billed_for(ask, context=model_context_get(alias=ask.parsed.model))
-        try:
-            hold_place(
-                api_key=ask.api_key,
-                request_id=ask.request_id,
-                amount=billed.hold_amount,
-                now=ask.now,
-                model_alias=ask.parsed.model,
-            )
-        except BillingError as exc:
-            metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
-            raise error_from_billing(exc) from exc
+        billed = _on_live_connection(_hold_place_priced, ask=ask)
     metrics.HOLDS.labels("placed").inc()
+    return billed
+
+
+def _hold_place_priced(*, ask: HoldAsk) -> BilledRequest:
+    billed = _billed_for(ask, context=model_context_get(alias=ask.parsed.model))
+    try:
+        hold_place(
+            api_key=ask.api_key,
+            request_id=ask.request_id,
+            amount=billed.hold_amount,
+            now=ask.now,
+            model_alias=ask.parsed.model,
+        )
+    except BillingError as exc:
+        metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
+        raise error_from_billing(exc) from exc
     return billed
 
 
@@ -540,7 +569,8 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
     started = time.monotonic()
     with _db_step():
         try:
-            result = hold_settle(
+            result = _on_live_connection(
+                hold_settle,
                 request_id=billed.request_id,
                 cost=cost,
                 now=timezone.now(),
@@ -642,8 +672,11 @@ def _handoff(
 def _release(*, billed: BilledRequest, outcome: str) -> None:
     with _db_step():
         try:
-            hold_release(
-                request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)
+            _on_live_connection(
+                hold_release,
+                request_id=billed.request_id,
+                now=timezone.now(),
+                details=billed.details(outcome),
             )
             metrics.HOLDS.labels("released").inc()
         except DatabaseError:
