@@ -289,9 +289,8 @@ async def _upstream_failed(billed: BilledRequest, failure: UpstreamFailure) -> G
 
 async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponseBase:
     """A non-streaming completion: call, read, settle, answer."""
-    url, headers, body, timeout = _upstream_call(request, billed)
     try:
-        payload = await _call_json(url, headers, body, timeout)
+        payload = await _call_json(*_upstream_call(request, billed))
     except UpstreamFailure as failure:
         raise await _upstream_failed(billed, failure) from failure
     except BaseException:
@@ -300,8 +299,8 @@ async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponse
     billed.mark_first_byte()
     adapter = billed.adapter
     usage = adapter.usage_from_body(payload)
-    if usage is None:
-        usage = _estimated_usage(billed, reported=None, generated=adapter.texts_from_body(payload))
+    if usage is None or usage.estimated:
+        usage = _estimated_usage(billed, reported=usage, generated=adapter.texts_from_body(payload))
     cost = await _settle_stage(billed=billed, usage=usage, outcome="completed")
     response = JsonResponse(adapter.with_cost(payload, usage=usage, cost=money_str(cost)))
     response["x-request-cost"] = money_str(cost)
@@ -311,9 +310,8 @@ async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponse
 async def _stream_start(request: HttpRequest, billed: BilledRequest) -> HttpResponseBase:
     """Open the stream (a failure before its first byte is answered like any other), then
     hand the relay to Django as the response's body."""
-    url, headers, body, timeout = _upstream_call(request, billed)
     try:
-        call, state, first = await _stream_open(billed, url, headers, body, timeout)
+        call, state, first = await _stream_open(billed, *_upstream_call(request, billed))
     except UpstreamFailure as failure:
         raise await _upstream_failed(billed, failure) from failure
     except BaseException:
@@ -506,6 +504,10 @@ async def _relay(
         outcome = f"upstream_{failure.kind}"
     except ValueError:
         outcome = "upstream_protocol"
+    except Exception:
+        # A bug of ours must not leave the hold to the sweeper: bill what was relayed.
+        logger.exception("relay of %s failed", billed.request_id)
+        outcome = "gateway_error"
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away: stop the upstream, bill what was generated, never free.
         call.close()
@@ -533,7 +535,7 @@ async def _settle_protected(
 ) -> tuple[Usage, Decimal]:
     """Settle from the stream's state; a cancellation of the client's request cannot cut it
     short (the settle runs to completion in its own task, and we wait for it)."""
-    complete = outcome == "completed" and state.usage is not None
+    complete = outcome == "completed" and state.usage is not None and not state.usage.estimated
     usage = (
         state.usage
         if complete

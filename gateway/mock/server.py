@@ -21,6 +21,9 @@ Directives, read from the last user message and combinable (a malformed one is a
                              is aborted; non-stream: connection aborted, no response
   [mock:status=NNN]          that status (>= 400) with a provider error body
   [mock:no_usage]            no usage anywhere (no usage chunk, no usage object or fields)
+  [mock:bad_usage]           usage reported, but its output count is negative (OpenAI
+                             completion_tokens; Anthropic output_tokens in the body or the
+                             message_delta): a count a reader must not trust
   [mock:cached_tokens=N]     cache-read prompt tokens (capped at the prompt)
   [mock:cache_write_tokens=N]  Anthropic cache_creation_input_tokens (capped at the rest)
   [mock:reasoning_tokens=N]  OpenAI hidden reasoning tokens, spent from max tokens first
@@ -96,6 +99,7 @@ class Directives:
     fail: str | None = None
     status: int | None = None
     no_usage: bool = False
+    bad_usage: bool = False
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_tokens: int = 0
@@ -120,7 +124,7 @@ def directives_parse(text: str) -> Directives:
                     f"[mock:fail] must be before_first_chunk or mid_stream: {raw!r}"
                 )
             values[name] = value
-        elif name == "no_usage":
+        elif name in ("no_usage", "bad_usage"):
             values[name] = True
         else:
             raise DirectiveError(f"unknown directive [mock:{name}]")
@@ -287,10 +291,14 @@ def openai_error(status: int, message: str, *, param: str | None = None) -> web.
     return web.Response(status=status, body=_dumps(body), content_type="application/json")
 
 
-def openai_usage(plan: Plan) -> dict[str, Any]:
+def _unreadable(count: int, *, bad: bool) -> int:
+    return -1 - count if bad else count
+
+
+def openai_usage(plan: Plan, *, bad: bool = False) -> dict[str, Any]:
     return {
         "prompt_tokens": plan.prompt_tokens,
-        "completion_tokens": plan.completion_tokens,
+        "completion_tokens": _unreadable(plan.completion_tokens, bad=bad),
         "total_tokens": plan.prompt_tokens + plan.completion_tokens,
         # OpenAI counts cached tokens inside prompt_tokens and reasoning inside completion_tokens.
         "prompt_tokens_details": {"cached_tokens": plan.cached_tokens, "audio_tokens": 0},
@@ -364,7 +372,7 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
             ],
         }
         if not directives.no_usage:
-            response["usage"] = openai_usage(plan)
+            response["usage"] = openai_usage(plan, bad=directives.bad_usage)
         return web.Response(body=_dumps(response), content_type="application/json", headers=headers)
 
     include_usage = stream_options.get("include_usage") is True
@@ -410,7 +418,8 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     for index in range(plan.choices):
         await send({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason})
     if include_usage and not directives.no_usage:
-        await sse.write(head + b'[],"usage":' + _dumps(openai_usage(plan)) + b"}\n\n")
+        usage = openai_usage(plan, bad=directives.bad_usage)
+        await sse.write(head + b'[],"usage":' + _dumps(usage) + b"}\n\n")
     await sse.write(b"data: [DONE]\n\n")
     await sse.write_eof()
     return sse
@@ -446,13 +455,13 @@ def anthropic_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=_dumps(body), content_type="application/json")
 
 
-def anthropic_usage(plan: Plan, *, output_tokens: int) -> dict[str, Any]:
+def anthropic_usage(plan: Plan, *, output_tokens: int, bad: bool = False) -> dict[str, Any]:
     # Anthropic reports cache reads and writes beside input_tokens: the three add up to the prompt.
     return {
         "input_tokens": plan.prompt_tokens - plan.cached_tokens - plan.cache_write_tokens,
         "cache_creation_input_tokens": plan.cache_write_tokens,
         "cache_read_input_tokens": plan.cached_tokens,
-        "output_tokens": output_tokens,
+        "output_tokens": _unreadable(output_tokens, bad=bad),
     }
 
 
@@ -507,7 +516,9 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
             "stop_sequence": None,
         }
         if not directives.no_usage:
-            message["usage"] = anthropic_usage(plan, output_tokens=plan.visible_tokens)
+            message["usage"] = anthropic_usage(
+                plan, output_tokens=plan.visible_tokens, bad=directives.bad_usage
+            )
         return web.Response(body=_dumps(message), content_type="application/json", headers=headers)
 
     sse = web.StreamResponse(
@@ -564,7 +575,9 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     }
     if not directives.no_usage:
         # Cumulative, like Anthropic's: a reader must replace earlier numbers, not add to them.
-        message_delta["usage"] = anthropic_usage(plan, output_tokens=plan.visible_tokens)
+        message_delta["usage"] = anthropic_usage(
+            plan, output_tokens=plan.visible_tokens, bad=directives.bad_usage
+        )
     await sse.write(_sse_event("message_delta", message_delta))
     await sse.write(_sse_event("message_stop", {"type": "message_stop"}))
     await sse.write_eof()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
 from decimal import Decimal
 from typing import Any
 
@@ -14,35 +15,49 @@ from gateway.upstreams.base import (
     Adapter,
     ParsedRequest,
     StreamState,
+    UnreadableUsage,
     UpstreamTarget,
+    as_dict,
+    as_list,
     body_object,
+    json_object,
     require_bool,
     require_int,
     require_messages,
     require_model,
+    token_count,
 )
 from gateway.upstreams.client import UpstreamFailure, sse_event, sse_fields
 
 DEFAULT_VERSION = "2023-06-01"
 
+logger = logging.getLogger(__name__)
+
 
 def anthropic_usage(raw: dict[str, Any] | None, previous: Usage | None = None) -> Usage | None:
     """Anthropic reports cache reads and writes beside input_tokens. Usage in message_delta is
-    cumulative: later values replace earlier ones, fields it omits keep their value."""
+    cumulative: later values replace earlier ones, fields it omits keep their value. After an
+    unreadable report the usage is marked estimated (none at all: None), and the pipeline
+    bills at least its own count."""
     if not isinstance(raw, dict):
         return previous
     base = previous or Usage()
 
     def pick(key: str, current: int) -> int:
         value = raw.get(key)
-        return current if value is None else int(value)
+        return current if value is None else token_count(value)
 
-    return Usage(
-        input_tokens=pick("input_tokens", base.input_tokens),
-        cached_input_tokens=pick("cache_read_input_tokens", base.cached_input_tokens),
-        cache_write_tokens=pick("cache_creation_input_tokens", base.cache_write_tokens),
-        output_tokens=pick("output_tokens", base.output_tokens),
-    )
+    try:
+        return Usage(
+            input_tokens=pick("input_tokens", base.input_tokens),
+            cached_input_tokens=pick("cache_read_input_tokens", base.cached_input_tokens),
+            cache_write_tokens=pick("cache_creation_input_tokens", base.cache_write_tokens),
+            output_tokens=pick("output_tokens", base.output_tokens),
+            estimated=base.estimated,
+        )
+    except UnreadableUsage as exc:
+        logger.warning("unreadable upstream usage (%s); billing our own count", exc)
+        return None if previous is None else dataclasses.replace(previous, estimated=True)
 
 
 def anthropic_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
@@ -67,10 +82,10 @@ class AnthropicStreamState(StreamState):
             # Text only (usage and errors come in other events): relay it unparsed.
             self.unparsed.append(data)
             return event
-        payload = json.loads(data)
+        payload = json_object(data)
         kind = payload.get("type") or name
         if kind == "message_start":
-            self.usage = anthropic_usage((payload.get("message") or {}).get("usage"), self.usage)
+            self.usage = anthropic_usage(as_dict(payload.get("message")).get("usage"), self.usage)
         elif kind == "content_block_delta":
             self.texts.extend(self.content_texts(payload))
         elif kind == "message_delta":
@@ -85,9 +100,9 @@ class AnthropicStreamState(StreamState):
         return event
 
     def content_texts(self, payload: dict[str, Any]) -> list[str]:
-        delta = payload.get("delta") or {}
+        delta = as_dict(payload.get("delta"))
         text = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
-        return [text] if text else []
+        return [text] if isinstance(text, str) and text else []
 
     def closing(self, *, usage: Usage, cost: Decimal) -> bytes:
         delta = self.message_delta or {
@@ -154,9 +169,11 @@ class AnthropicMessages(Adapter):
     @classmethod
     def texts_from_body(cls, body: dict[str, Any]) -> list[str]:
         return [
-            block.get("text") or ""
-            for block in body.get("content") or []
-            if isinstance(block, dict) and block.get("type") == "text"
+            block["text"]
+            for block in as_list(body.get("content"))
+            if isinstance(block, dict)
+            and block.get("type") == "text"
+            and isinstance(block.get("text"), str)
         ]
 
     @classmethod

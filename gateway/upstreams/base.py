@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -38,6 +39,49 @@ class UpstreamTarget:
     upstream_model: str
     connect_timeout: float
     read_timeout: float
+
+
+def json_object(data: bytes) -> dict[str, Any]:
+    """An upstream event's JSON object; ValueError (a protocol failure) for anything else."""
+    payload = json.loads(data)
+    if not isinstance(payload, dict):
+        raise ValueError("an upstream event is not a JSON object")
+    return payload
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """A nested JSON object from an upstream; a malformed part counts as absent."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+class UnreadableUsage(ValueError):
+    """An upstream's usage with a count that is not a non-negative integer."""
+
+
+def token_count(value: Any) -> int:
+    """A token count as an upstream reports it (absent: 0). Anything but a non-negative whole
+    number is unreadable: billing from it could charge too little, or a negative amount."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UnreadableUsage(f"token count {value!r}")
+    if value < 0 or (isinstance(value, float) and not value.is_integer()):
+        raise UnreadableUsage(f"token count {value!r}")
+    return int(value)
+
+
+def usage_part(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested usage object (absent: empty), or UnreadableUsage."""
+    part = raw.get(key)
+    if part is None:
+        return {}
+    if not isinstance(part, dict):
+        raise UnreadableUsage(f"{key} {part!r}")
+    return part
 
 
 def require_int(body: dict[str, Any], param: str, *, minimum: int, maximum: int) -> int | None:
@@ -108,7 +152,10 @@ class StreamState:
     def generated_texts(self) -> list[str]:
         """Every generated text so far, parsing the events relayed unparsed."""
         for data in self.unparsed:
-            self.texts.extend(self.content_texts(json.loads(data)))
+            # Only for an estimate, after the relay: an event that does not parse counts as
+            # no text rather than leaving the request unsettled.
+            with contextlib.suppress(ValueError):
+                self.texts.extend(self.content_texts(json_object(data)))
         self.unparsed.clear()
         return self.texts
 

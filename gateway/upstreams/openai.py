@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from decimal import Decimal
 from typing import Any
@@ -15,24 +15,39 @@ from gateway.upstreams.base import (
     Adapter,
     ParsedRequest,
     StreamState,
+    UnreadableUsage,
     UpstreamTarget,
+    as_dict,
+    as_list,
     body_object,
+    json_object,
     require_bool,
     require_int,
     require_messages,
     require_model,
+    token_count,
+    usage_part,
 )
 from gateway.upstreams.client import sse_event, sse_fields
 
+logger = logging.getLogger(__name__)
+
 
 def openai_usage(raw: dict[str, Any] | None) -> Usage | None:
-    """OpenAI counts cached tokens inside prompt_tokens and reasoning inside completion_tokens."""
+    """OpenAI counts cached tokens inside prompt_tokens and reasoning inside completion_tokens.
+    None when absent or unreadable: the pipeline then bills its own count, marked estimated."""
     if not isinstance(raw, dict):
         return None
-    prompt = int(raw.get("prompt_tokens") or 0)
-    completion = int(raw.get("completion_tokens") or 0)
-    cached = int((raw.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    reasoning = int((raw.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+    try:
+        prompt = token_count(raw.get("prompt_tokens"))
+        completion = token_count(raw.get("completion_tokens"))
+        cached = token_count(usage_part(raw, "prompt_tokens_details").get("cached_tokens"))
+        reasoning = token_count(
+            usage_part(raw, "completion_tokens_details").get("reasoning_tokens")
+        )
+    except UnreadableUsage as exc:
+        logger.warning("unreadable upstream usage (%s); billing our own count", exc)
+        return None
     return Usage(
         input_tokens=max(prompt - cached, 0),
         cached_input_tokens=cached,
@@ -51,6 +66,16 @@ def openai_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
         "cost": cost,
         "estimated": usage.estimated,
     }
+
+
+def choice_texts(payload: dict[str, Any], *, part: str) -> list[str]:
+    """The text of each choice's `part` ("delta" in a chunk, "message" in a body)."""
+    texts = []
+    for choice in as_list(payload.get("choices")):
+        content = as_dict(as_dict(choice).get(part)).get("content")
+        if isinstance(content, str) and content:
+            texts.append(content)
+    return texts
 
 
 # A chunk whose "usage" is present and not null (with include_usage, every chunk has
@@ -72,7 +97,7 @@ class OpenAIStreamState(StreamState):
             # A plain content chunk (JSON-escaped text cannot match either key): relay it.
             self.unparsed.append(data)
             return event
-        chunk = json.loads(data)
+        chunk = json_object(data)
         if "error" in chunk and "choices" not in chunk:
             from gateway.upstreams.client import UpstreamFailure
 
@@ -80,7 +105,7 @@ class OpenAIStreamState(StreamState):
         usage = chunk.get("usage")
         if usage:
             self.usage = openai_usage(usage)
-        choices = chunk.get("choices") or []
+        choices = as_list(chunk.get("choices"))
         self.texts.extend(self.content_texts(chunk))
         if usage and not choices:
             # The usage chunk goes out after the settle, with its cost (or not at all).
@@ -89,12 +114,7 @@ class OpenAIStreamState(StreamState):
         return event
 
     def content_texts(self, payload: dict[str, Any]) -> list[str]:
-        texts = []
-        for choice in payload.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                texts.append(content)
-        return texts
+        return choice_texts(payload, part="delta")
 
     def closing(self, *, usage: Usage, cost: Decimal) -> bytes:
         parts = []
@@ -165,12 +185,7 @@ class OpenAIChat(Adapter):
 
     @classmethod
     def texts_from_body(cls, body: dict[str, Any]) -> list[str]:
-        texts = []
-        for choice in body.get("choices") or []:
-            content = (choice.get("message") or {}).get("content")
-            if isinstance(content, str):
-                texts.append(content)
-        return texts
+        return choice_texts(body, part="message")
 
     @classmethod
     def with_cost(cls, body: dict[str, Any], *, usage: Usage, cost: str) -> dict[str, Any]:

@@ -381,6 +381,33 @@ def test_missing_upstream_usage_is_estimated_and_marked(world, stream):
     assert_clean(world.account)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non_stream"])
+@pytest.mark.parametrize("endpoint", ["openai", "anthropic"])
+def test_unreadable_upstream_usage_is_never_billed_as_reported(world, endpoint, stream):
+    # A negative output count, taken as reported, would charge less than nothing.
+    messages = user("Odd [mock:tokens=9] [mock:bad_usage]")
+    if endpoint == "openai":
+        path = "/v1/chat/completions"
+        body = {"model": world.openai_model, "messages": messages}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+    else:
+        path = "/v1/messages"
+        body = {"model": world.anthropic_model, "messages": messages, "max_tokens": 64}
+    with world.http() as client:
+        response = client.post(path, json={**body, "stream": stream})
+        text = response.text
+    assert response.status_code == 200, text
+    request_id = response.headers["x-request-id"]
+    # Billed from our own count (the mock's tokenizer is ours, so exact here), flagged.
+    expected = expected_cost(Usage(input_tokens=mock_prompt_tokens(messages), output_tokens=9))
+    assert charged(request_id) == expected
+    assert usage_record(request_id).estimated is True
+    assert '"estimated":true' in text.replace(" ", "")
+    assert balance(world.account) == (START - expected, 0)
+    assert_clean(world.account)
+
+
 def test_every_response_carries_a_request_id(world):
     with world.http() as client:
         ok = client.get("/v1/billing/balance")

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from gateway.upstreams.anthropic import AnthropicMessages
+from gateway.upstreams.anthropic import AnthropicMessages, anthropic_usage
+from gateway.upstreams.base import UnreadableUsage, token_count
 from gateway.upstreams.client import SSESplitter, UpstreamFailure, sse_event
-from gateway.upstreams.openai import OpenAIChat
+from gateway.upstreams.openai import OpenAIChat, openai_usage
 
 
 def _openai_state() -> Any:
@@ -122,3 +123,76 @@ def test_events_that_arrive_together_are_relayed_in_one_write_up_to_a_failure() 
     assert out == _delta("a") + _delta("b")  # what came before the failure still goes out
     assert isinstance(failure, UpstreamFailure)
     assert len(state.unparsed) == 2
+
+
+# --- what an upstream may get wrong: never an exception that leaves a hold unsettled -------
+
+
+@pytest.mark.parametrize(
+    "value", [-1, -0.5, 1.5, "12", True, [3], {"n": 1}, float("inf"), float("nan")]
+)
+def test_a_token_count_that_is_not_a_non_negative_whole_number_is_unreadable(value: Any) -> None:
+    with pytest.raises(UnreadableUsage):
+        token_count(value)
+
+
+def test_a_token_count_may_be_absent_or_a_whole_float() -> None:
+    assert (token_count(None), token_count(0), token_count(12), token_count(12.0)) == (0, 0, 12, 12)
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 7, "completion_tokens": -3},
+        {"prompt_tokens": "7", "completion_tokens": 3},
+        {"prompt_tokens": 7, "completion_tokens": 3, "prompt_tokens_details": "cached"},
+        {
+            "prompt_tokens": 7,
+            "completion_tokens": 3,
+            "completion_tokens_details": {"reasoning_tokens": -1},
+        },
+    ],
+)
+def test_unreadable_openai_usage_counts_as_not_reported(usage: dict[str, Any]) -> None:
+    assert openai_usage(usage) is None
+
+
+def test_unreadable_anthropic_usage_keeps_what_was_read_and_marks_it_estimated() -> None:
+    start = anthropic_usage({"input_tokens": 9, "output_tokens": 1})
+    assert start is not None and not start.estimated
+    after_bad = anthropic_usage({"output_tokens": -2}, start)
+    assert after_bad is not None and after_bad.estimated
+    assert (after_bad.input_tokens, after_bad.output_tokens) == (9, 1)
+    # A later good report cannot clear the doubt: the pipeline still counts for itself.
+    later = anthropic_usage({"output_tokens": 2}, after_bad)
+    assert later is not None and later.estimated and later.output_tokens == 2
+    assert anthropic_usage({"input_tokens": "9"}) is None
+
+
+def test_openai_events_that_are_not_objects_fail_as_protocol_errors_and_estimates_skip_them() -> (
+    None
+):
+    state = _openai_state()
+    with pytest.raises(ValueError, match="not a JSON object"):
+        state.feed(b'data: [{"usage": {"prompt_tokens": 1}}]\n\n')
+    # Relayed unparsed, then found not to parse when an estimate needs the text.
+    for event in (_delta("one"), b"data: {not json\n\n", b"data: []\n\n", _delta("two")):
+        state.feed(event)
+    malformed = b'data: {"choices": [7, {"delta": "x"}, {"delta": {"content": 5}}]}\n\n'
+    state.feed(malformed)
+    assert state.generated_texts() == ["one", "two"]
+
+
+def test_anthropic_malformed_parts_count_as_no_text() -> None:
+    parsed = AnthropicMessages.parse(
+        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    state = AnthropicMessages.stream_state(parsed)
+    for delta in ({"text": 5}, "text", {"text": "ok"}):
+        state.feed(
+            sse_event({"type": "content_block_delta", "delta": delta}, "content_block_delta")
+        )
+    assert state.generated_texts() == ["ok"]
+    body = {"content": [{"type": "text", "text": 3}, {"type": "text", "text": "fine"}, "x"]}
+    assert AnthropicMessages.texts_from_body(body) == ["fine"]
+    assert AnthropicMessages.texts_from_body({"content": "not a list"}) == []
