@@ -23,16 +23,17 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from psycopg_pool import AsyncConnectionPool
 
 
 def sql_rows(statement: str, params: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
     """Run one statement that returns rows, in the current transaction. Errors are Django's
     (IntegrityError, OperationalError, ...), as from any Django cursor."""
-    connection.ensure_connection()
-    with connection.wrap_database_errors:
-        with psycopg.Cursor(connection.connection) as cursor:
+    db = connections[DEFAULT_DB_ALIAS]  # one lookup: each through the proxy costs one
+    db.ensure_connection()
+    with db.wrap_database_errors:
+        with psycopg.Cursor(db.connection) as cursor:
             # Prepared on first use: these are the few statements every request runs.
             cursor.execute(statement, params, prepare=True)
             return cursor.fetchall()  # each statement here returns rows (RETURNING or SELECT)

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, transaction
 from django.db.models import Case, Exists, F, OuterRef, Q, Subquery, Sum, When
 
 from billing.errors import (
@@ -206,11 +206,14 @@ RETURNING id
 """
 
 
-def _as_loaded(hold: Hold) -> Hold:
-    """A Hold built from a row our own statement returned: saved, as if the ORM had read it."""
-    hold._state.adding = False
-    hold._state.db = connection.alias
-    return hold
+_HOLD_COLUMNS = tuple(field.attname for field in Hold._meta.concrete_fields)
+
+
+def _hold_loaded(**columns: Any) -> Hold:
+    """A Hold built from what our own statement wrote, as if the ORM had read it (every
+    column given: a deferred one would cost a query on first access). Model.from_db's
+    positional build is about three times cheaper than keyword arguments, on the hot path."""
+    return Hold.from_db(DEFAULT_DB_ALIAS, _HOLD_COLUMNS, [columns[name] for name in _HOLD_COLUMNS])
 
 
 def _one_statement_hold_params(
@@ -236,19 +239,25 @@ def _placed(
 ) -> Hold | None:
     if not rows:
         return None
-    return _as_loaded(
-        Hold(
-            pk=rows[0][0],
-            request_id=params["request_id"],
-            account_id=api_key.account_id,
-            api_key=api_key,
-            model_alias=params["model_alias"],
-            amount=amount,
-            budgeted=False,
-            created_at=params["now"],
-            expires_at=params["expires_at"],
-        )
+    hold = _hold_loaded(
+        id=rows[0][0],
+        request_id=params["request_id"],
+        account_id=api_key.account_id,
+        api_key_id=api_key.pk,
+        model_alias=params["model_alias"],
+        amount=amount,
+        budgeted=False,
+        state=Hold.State.ACTIVE,
+        created_at=params["now"],
+        expires_at=params["expires_at"],
+        resolved_at=None,
+        settled_amount=None,
+        is_overrun=False,
+        is_late=False,
+        transaction_id=None,
     )
+    hold.api_key = api_key  # the caller's copy: no query when read
+    return hold
 
 
 async def hold_place_async(
@@ -680,24 +689,22 @@ def _settled(
     if not rows:
         return None
     [(hold_id, api_key_id, alias, amount, created_at, expires_at, overrun, late, txn_id)] = rows
-    hold = _as_loaded(
-        Hold(
-            pk=hold_id,
-            request_id=request_id,
-            account_id=account_id,
-            api_key_id=api_key_id,
-            model_alias=alias,
-            amount=from_units(amount),
-            budgeted=False,
-            state=Hold.State.SETTLED,
-            created_at=created_at,
-            expires_at=expires_at,
-            resolved_at=now,
-            settled_amount=cost,
-            is_overrun=overrun,
-            is_late=late,
-            transaction_id=txn_id,
-        )
+    hold = _hold_loaded(
+        id=hold_id,
+        request_id=request_id,
+        account_id=account_id,
+        api_key_id=api_key_id,
+        model_alias=alias,
+        amount=from_units(amount),
+        budgeted=False,
+        state=Hold.State.SETTLED,
+        created_at=created_at,
+        expires_at=expires_at,
+        resolved_at=now,
+        settled_amount=cost,
+        is_overrun=overrun,
+        is_late=late,
+        transaction_id=txn_id,
     )
     return SettleResult(hold=hold, cost=cost, transaction_id=txn_id)
 

@@ -255,3 +255,26 @@ def test_hot_statements_are_prepared_once_per_connection(
         prepared = [row[0] for row in cursor.fetchall()]
     assert len([s for s in prepared if "INSERT INTO billing_hold" in s]) == 1
     assert len([s for s in prepared if "INSERT INTO billing_ledgertransaction" in s]) == 1
+
+
+def test_the_holds_the_one_statements_return_are_the_rows_they_wrote(
+    postgres_only: None, now: datetime
+) -> None:
+    account = make_account(credits=D("10"), now=now)
+    key = make_key(account=account, now=now).api_key
+    columns = [field.attname for field in Hold._meta.concrete_fields]
+
+    def row(hold: Hold) -> list[Any]:
+        return [getattr(hold, name) for name in columns]
+
+    placed = hold_place(api_key=key, request_id="r1", amount=D("2"), now=now, ttl_seconds=TTL)
+    with CaptureQueriesContext(connection) as queries:
+        placed_row, placed_key = row(placed), placed.api_key
+    assert len(queries) == 0  # built from the statement's own row: nothing deferred
+    assert placed_row == row(Hold.objects.get(request_id="r1"))
+    assert placed_key is key and not placed._state.adding
+    settled = hold_settle(
+        request_id="r1", account_id=account.pk, cost=D("0.5"), now=now, usage=Usage()
+    ).hold
+    assert row(settled) == row(Hold.objects.get(request_id="r1"))
+    assert settled.state == Hold.State.SETTLED and settled.transaction_id is not None
