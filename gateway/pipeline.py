@@ -535,11 +535,12 @@ async def _settle_protected(
 ) -> tuple[Usage, Decimal]:
     """Settle from the stream's state; a cancellation of the client's request cannot cut it
     short (the settle runs to completion in its own task, and we wait for it)."""
-    complete = outcome == "completed" and state.usage is not None and not state.usage.estimated
+    reported = state.reported_usage()
+    complete = outcome == "completed" and reported is not None and not reported.estimated
     usage = (
-        state.usage
+        reported
         if complete
-        else _estimated_usage(billed, reported=state.usage, generated=state.generated_texts())
+        else _estimated_usage(billed, reported=reported, generated=state.generated_texts())
     )
     assert usage is not None
     cost = await _to_completion(_settle_stage(billed=billed, usage=usage, outcome=outcome))

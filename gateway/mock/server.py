@@ -24,6 +24,8 @@ Directives, read from the last user message and combinable (a malformed one is a
   [mock:bad_usage]           usage reported, but its output count is negative (OpenAI
                              completion_tokens; Anthropic output_tokens in the body or the
                              message_delta): a count a reader must not trust
+  [mock:partial_usage]       usage reported without its output count (the same fields left
+                             out; Anthropic's message_start keeps its placeholder)
   [mock:cached_tokens=N]     cache-read prompt tokens (capped at the prompt)
   [mock:cache_write_tokens=N]  Anthropic cache_creation_input_tokens (capped at the rest)
   [mock:reasoning_tokens=N]  OpenAI hidden reasoning tokens, spent from max tokens first
@@ -100,6 +102,7 @@ class Directives:
     status: int | None = None
     no_usage: bool = False
     bad_usage: bool = False
+    partial_usage: bool = False
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_tokens: int = 0
@@ -124,7 +127,7 @@ def directives_parse(text: str) -> Directives:
                     f"[mock:fail] must be before_first_chunk or mid_stream: {raw!r}"
                 )
             values[name] = value
-        elif name in ("no_usage", "bad_usage"):
+        elif name in ("no_usage", "bad_usage", "partial_usage"):
             values[name] = True
         else:
             raise DirectiveError(f"unknown directive [mock:{name}]")
@@ -291,14 +294,21 @@ def openai_error(status: int, message: str, *, param: str | None = None) -> web.
     return web.Response(status=status, body=_dumps(body), content_type="application/json")
 
 
-def _unreadable(count: int, *, bad: bool) -> int:
-    return -1 - count if bad else count
+def usage_as_directed(
+    usage: dict[str, Any], directives: Directives, *, output_key: str
+) -> dict[str, Any]:
+    """[mock:bad_usage] and [mock:partial_usage] spoil the final report's output count."""
+    if directives.bad_usage:
+        return {**usage, output_key: -1 - usage[output_key]}
+    if directives.partial_usage:
+        return {key: value for key, value in usage.items() if key != output_key}
+    return usage
 
 
-def openai_usage(plan: Plan, *, bad: bool = False) -> dict[str, Any]:
+def openai_usage(plan: Plan) -> dict[str, Any]:
     return {
         "prompt_tokens": plan.prompt_tokens,
-        "completion_tokens": _unreadable(plan.completion_tokens, bad=bad),
+        "completion_tokens": plan.completion_tokens,
         "total_tokens": plan.prompt_tokens + plan.completion_tokens,
         # OpenAI counts cached tokens inside prompt_tokens and reasoning inside completion_tokens.
         "prompt_tokens_details": {"cached_tokens": plan.cached_tokens, "audio_tokens": 0},
@@ -372,7 +382,9 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
             ],
         }
         if not directives.no_usage:
-            response["usage"] = openai_usage(plan, bad=directives.bad_usage)
+            response["usage"] = usage_as_directed(
+                openai_usage(plan), directives, output_key="completion_tokens"
+            )
         return web.Response(body=_dumps(response), content_type="application/json", headers=headers)
 
     include_usage = stream_options.get("include_usage") is True
@@ -418,7 +430,7 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     for index in range(plan.choices):
         await send({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason})
     if include_usage and not directives.no_usage:
-        usage = openai_usage(plan, bad=directives.bad_usage)
+        usage = usage_as_directed(openai_usage(plan), directives, output_key="completion_tokens")
         await sse.write(head + b'[],"usage":' + _dumps(usage) + b"}\n\n")
     await sse.write(b"data: [DONE]\n\n")
     await sse.write_eof()
@@ -455,13 +467,13 @@ def anthropic_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=_dumps(body), content_type="application/json")
 
 
-def anthropic_usage(plan: Plan, *, output_tokens: int, bad: bool = False) -> dict[str, Any]:
+def anthropic_usage(plan: Plan, *, output_tokens: int) -> dict[str, Any]:
     # Anthropic reports cache reads and writes beside input_tokens: the three add up to the prompt.
     return {
         "input_tokens": plan.prompt_tokens - plan.cached_tokens - plan.cache_write_tokens,
         "cache_creation_input_tokens": plan.cache_write_tokens,
         "cache_read_input_tokens": plan.cached_tokens,
-        "output_tokens": _unreadable(output_tokens, bad=bad),
+        "output_tokens": output_tokens,
     }
 
 
@@ -516,8 +528,10 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
             "stop_sequence": None,
         }
         if not directives.no_usage:
-            message["usage"] = anthropic_usage(
-                plan, output_tokens=plan.visible_tokens, bad=directives.bad_usage
+            message["usage"] = usage_as_directed(
+                anthropic_usage(plan, output_tokens=plan.visible_tokens),
+                directives,
+                output_key="output_tokens",
             )
         return web.Response(body=_dumps(message), content_type="application/json", headers=headers)
 
@@ -575,8 +589,10 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     }
     if not directives.no_usage:
         # Cumulative, like Anthropic's: a reader must replace earlier numbers, not add to them.
-        message_delta["usage"] = anthropic_usage(
-            plan, output_tokens=plan.visible_tokens, bad=directives.bad_usage
+        message_delta["usage"] = usage_as_directed(
+            anthropic_usage(plan, output_tokens=plan.visible_tokens),
+            directives,
+            output_key="output_tokens",
         )
     await sse.write(_sse_event("message_delta", message_delta))
     await sse.write(_sse_event("message_stop", {"type": "message_stop"}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from decimal import Decimal
 from typing import Any
 
@@ -26,19 +25,18 @@ from gateway.upstreams.base import (
     require_messages,
     require_model,
     token_count,
+    unreadable_usage_log,
+    usage_marked,
 )
 from gateway.upstreams.client import UpstreamFailure, sse_event, sse_fields
 
 DEFAULT_VERSION = "2023-06-01"
 
-logger = logging.getLogger(__name__)
-
 
 def anthropic_usage(raw: dict[str, Any] | None, previous: Usage | None = None) -> Usage | None:
     """Anthropic reports cache reads and writes beside input_tokens. Usage in message_delta is
-    cumulative: later values replace earlier ones, fields it omits keep their value. After an
-    unreadable report the usage is marked estimated (none at all: None), and the pipeline
-    bills at least its own count."""
+    cumulative: later values replace earlier ones, fields it omits keep their value. Raises
+    UnreadableUsage for a count that is not a non-negative whole number."""
     if not isinstance(raw, dict):
         return previous
     base = previous or Usage()
@@ -47,17 +45,12 @@ def anthropic_usage(raw: dict[str, Any] | None, previous: Usage | None = None) -
         value = raw.get(key)
         return current if value is None else token_count(value)
 
-    try:
-        return Usage(
-            input_tokens=pick("input_tokens", base.input_tokens),
-            cached_input_tokens=pick("cache_read_input_tokens", base.cached_input_tokens),
-            cache_write_tokens=pick("cache_creation_input_tokens", base.cache_write_tokens),
-            output_tokens=pick("output_tokens", base.output_tokens),
-            estimated=base.estimated,
-        )
-    except UnreadableUsage as exc:
-        logger.warning("unreadable upstream usage (%s); billing our own count", exc)
-        return None if previous is None else dataclasses.replace(previous, estimated=True)
+    return Usage(
+        input_tokens=pick("input_tokens", base.input_tokens),
+        cached_input_tokens=pick("cache_read_input_tokens", base.cached_input_tokens),
+        cache_write_tokens=pick("cache_creation_input_tokens", base.cache_write_tokens),
+        output_tokens=pick("output_tokens", base.output_tokens),
+    )
 
 
 def anthropic_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
@@ -73,6 +66,22 @@ def anthropic_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
 
 class AnthropicStreamState(StreamState):
     message_delta: dict[str, Any] | None = None
+    # message_start's output count is a placeholder: the usage is the provider's full report
+    # only once message_delta has given the final one, and no report was unreadable.
+    output_final: bool = False
+    doubtful: bool = False
+
+    def reported_usage(self) -> Usage | None:
+        if self.usage is None or (self.output_final and not self.doubtful):
+            return self.usage
+        return dataclasses.replace(self.usage, estimated=True)
+
+    def _read_usage(self, raw: Any) -> None:
+        try:
+            self.usage = anthropic_usage(raw, self.usage)
+        except UnreadableUsage as exc:
+            unreadable_usage_log(exc)
+            self.doubtful = True
 
     def feed(self, event: bytes) -> bytes | None:
         name, data = sse_fields(event)
@@ -85,11 +94,12 @@ class AnthropicStreamState(StreamState):
         payload = json_object(data)
         kind = payload.get("type") or name
         if kind == "message_start":
-            self.usage = anthropic_usage(as_dict(payload.get("message")).get("usage"), self.usage)
+            self._read_usage(as_dict(payload.get("message")).get("usage"))
         elif kind == "content_block_delta":
             self.texts.extend(self.content_texts(payload))
         elif kind == "message_delta":
-            self.usage = anthropic_usage(payload.get("usage"), self.usage)
+            self._read_usage(payload.get("usage"))
+            self.output_final = as_dict(payload.get("usage")).get("output_tokens") is not None
             self.message_delta = payload
             return None  # re-sent after the settle, with the cost
         elif kind == "message_stop":
@@ -164,7 +174,13 @@ class AnthropicMessages(Adapter):
 
     @classmethod
     def usage_from_body(cls, body: dict[str, Any]) -> Usage | None:
-        return anthropic_usage(body.get("usage"))
+        raw = body.get("usage")
+        try:
+            usage = anthropic_usage(raw)
+        except UnreadableUsage as exc:
+            unreadable_usage_log(exc)
+            return None
+        return usage_marked(usage, raw, counts=("input_tokens", "output_tokens"))
 
     @classmethod
     def texts_from_body(cls, body: dict[str, Any]) -> list[str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -11,6 +13,8 @@ from typing import Any, ClassVar
 from billing.pricing import Usage
 from gateway.errors import GatewayError, invalid_param
 from gateway.tokens import text_tokens
+
+logger = logging.getLogger(__name__)
 
 # Anything above this is a client bug, whatever the route allows.
 ABSURD_MAX_TOKENS = 10_000_000
@@ -72,6 +76,18 @@ def token_count(value: Any) -> int:
     if value < 0 or (isinstance(value, float) and not value.is_integer()):
         raise UnreadableUsage(f"token count {value!r}")
     return int(value)
+
+
+def unreadable_usage_log(exc: UnreadableUsage) -> None:
+    logger.warning("unreadable upstream usage (%s); billing at least our own count", exc)
+
+
+def usage_marked(usage: Usage | None, raw: Any, *, counts: tuple[str, ...]) -> Usage | None:
+    """`usage`, marked estimated when the report lacks one of its main `counts`: a missing
+    output count read as zero would bill a long answer as free."""
+    if usage is None or all(as_dict(raw).get(key) is not None for key in counts):
+        return usage
+    return dataclasses.replace(usage, estimated=True)
 
 
 def usage_part(raw: dict[str, Any], key: str) -> dict[str, Any]:
@@ -148,6 +164,10 @@ class StreamState:
 
     def content_texts(self, payload: dict[str, Any]) -> list[str]:  # pragma: no cover
         raise NotImplementedError
+
+    def reported_usage(self) -> Usage | None:
+        """The provider's usage so far, marked estimated unless it is its complete report."""
+        return self.usage
 
     def generated_texts(self) -> list[str]:
         """Every generated text so far, parsing the events relayed unparsed."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from decimal import Decimal
 from typing import Any
@@ -26,16 +25,16 @@ from gateway.upstreams.base import (
     require_messages,
     require_model,
     token_count,
+    unreadable_usage_log,
+    usage_marked,
     usage_part,
 )
 from gateway.upstreams.client import sse_event, sse_fields
 
-logger = logging.getLogger(__name__)
-
 
 def openai_usage(raw: dict[str, Any] | None) -> Usage | None:
     """OpenAI counts cached tokens inside prompt_tokens and reasoning inside completion_tokens.
-    None when absent or unreadable: the pipeline then bills its own count, marked estimated."""
+    None when absent or unreadable: the pipeline then bills its own count."""
     if not isinstance(raw, dict):
         return None
     try:
@@ -46,14 +45,15 @@ def openai_usage(raw: dict[str, Any] | None) -> Usage | None:
             usage_part(raw, "completion_tokens_details").get("reasoning_tokens")
         )
     except UnreadableUsage as exc:
-        logger.warning("unreadable upstream usage (%s); billing our own count", exc)
+        unreadable_usage_log(exc)
         return None
-    return Usage(
+    usage = Usage(
         input_tokens=max(prompt - cached, 0),
         cached_input_tokens=cached,
         output_tokens=completion,
         reasoning_tokens=reasoning,
     )
+    return usage_marked(usage, raw, counts=("prompt_tokens", "completion_tokens"))
 
 
 def openai_usage_json(usage: Usage, cost: str) -> dict[str, Any]:

@@ -383,9 +383,13 @@ def test_missing_upstream_usage_is_estimated_and_marked(world, stream):
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non_stream"])
 @pytest.mark.parametrize("endpoint", ["openai", "anthropic"])
-def test_unreadable_upstream_usage_is_never_billed_as_reported(world, endpoint, stream):
-    # A negative output count, taken as reported, would charge less than nothing.
-    messages = user("Odd [mock:tokens=9] [mock:bad_usage]")
+@pytest.mark.parametrize("report", ["bad_usage", "partial_usage"])
+def test_usage_without_a_readable_output_count_is_never_billed_as_reported(
+    world, endpoint, stream, report
+):
+    # Taken as reported, a negative output count would charge less than nothing, and a
+    # missing one (or Anthropic's message_start placeholder) would bill the answer as free.
+    messages = user(f"Odd [mock:tokens=9] [mock:{report}]")
     if endpoint == "openai":
         path = "/v1/chat/completions"
         body = {"model": world.openai_model, "messages": messages}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.upstreams.anthropic import AnthropicMessages, anthropic_usage
+from gateway.upstreams.anthropic import AnthropicMessages
 from gateway.upstreams.base import UnreadableUsage, token_count
 from gateway.upstreams.client import SSESplitter, UpstreamFailure, sse_event
 from gateway.upstreams.openai import OpenAIChat, openai_usage
@@ -157,16 +157,56 @@ def test_unreadable_openai_usage_counts_as_not_reported(usage: dict[str, Any]) -
     assert openai_usage(usage) is None
 
 
-def test_unreadable_anthropic_usage_keeps_what_was_read_and_marks_it_estimated() -> None:
-    start = anthropic_usage({"input_tokens": 9, "output_tokens": 1})
-    assert start is not None and not start.estimated
-    after_bad = anthropic_usage({"output_tokens": -2}, start)
-    assert after_bad is not None and after_bad.estimated
-    assert (after_bad.input_tokens, after_bad.output_tokens) == (9, 1)
-    # A later good report cannot clear the doubt: the pipeline still counts for itself.
-    later = anthropic_usage({"output_tokens": 2}, after_bad)
-    assert later is not None and later.estimated and later.output_tokens == 2
-    assert anthropic_usage({"input_tokens": "9"}) is None
+def _anthropic_state() -> Any:
+    parsed = AnthropicMessages.parse(
+        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    return AnthropicMessages.stream_state(parsed)
+
+
+def _usage_event(kind: str, usage: dict[str, Any]) -> bytes:
+    if kind == "message_start":
+        return sse_event({"type": kind, "message": {"usage": usage}}, kind)
+    return sse_event({"type": kind, "delta": {}, "usage": usage}, kind)
+
+
+def test_anthropic_usage_is_the_providers_only_once_message_delta_gives_the_output_count() -> None:
+    state = _anthropic_state()
+    state.feed(_usage_event("message_start", {"input_tokens": 9, "output_tokens": 1}))
+    assert state.reported_usage().estimated  # the output count is a placeholder
+    state.feed(_usage_event("message_delta", {"output_tokens": 4}))
+    reported = state.reported_usage()
+    assert (reported.input_tokens, reported.output_tokens, reported.estimated) == (9, 4, False)
+
+
+def test_an_unreadable_anthropic_report_keeps_what_was_read_and_leaves_it_estimated() -> None:
+    state = _anthropic_state()
+    state.feed(_usage_event("message_start", {"input_tokens": 9, "output_tokens": 1}))
+    state.feed(_usage_event("message_delta", {"output_tokens": -4}))
+    reported = state.reported_usage()
+    assert (reported.input_tokens, reported.output_tokens, reported.estimated) == (9, 1, True)
+    # A later readable report cannot clear the doubt: the pipeline still counts for itself.
+    state.feed(_usage_event("message_delta", {"output_tokens": 4}))
+    assert state.reported_usage().estimated
+
+
+@pytest.mark.parametrize(
+    ("body_usage", "estimated"),
+    [
+        ({"input_tokens": 9, "output_tokens": 4}, False),
+        ({"input_tokens": 9}, True),
+        ({"output_tokens": 4}, True),
+    ],
+)
+def test_a_report_without_its_main_counts_is_marked_estimated(
+    body_usage: dict[str, Any], estimated: bool
+) -> None:
+    usage = AnthropicMessages.usage_from_body({"usage": body_usage})
+    assert usage is not None and usage.estimated is estimated
+    openai = {"prompt_tokens": 9, "completion_tokens": 4}
+    assert openai_usage(openai).estimated is False  # type: ignore[union-attr]
+    assert openai_usage({"prompt_tokens": 9}).estimated is True  # type: ignore[union-attr]
+    assert AnthropicMessages.usage_from_body({"usage": {"input_tokens": "9"}}) is None
 
 
 def test_openai_events_that_are_not_objects_fail_as_protocol_errors_and_estimates_skip_them() -> (
