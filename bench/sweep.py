@@ -163,7 +163,7 @@ def main() -> None:
             ]
         )
     common.print_table(
-        "Sweep: expiring stale holds (batches of 5,000, one short transaction each)",
+        "Sweep: expiring stale holds (batches of 10,000, one short transaction each)",
         [
             "sweep",
             "holds",

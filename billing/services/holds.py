@@ -848,7 +848,9 @@ def holds_expire(
 # expired amounts off the accounts' and budgeted keys' held totals. SUM(bigint) is numeric, so
 # the subtraction stays exact. Each batch starts after the last one's (expires_at, id): the
 # partial index still holds the entries of holds expired moments ago (until vacuum), and
-# rescanning them from the start every batch made the sweep quadratic.
+# rescanning them from the start every batch made the sweep quadratic. The update finds the
+# batch by primary key (= ANY of the locked ids): a join with the CTE let the planner hash the
+# whole hold table for every batch, a third of the time of a sweep of 1,000,000.
 _EXPIRE_BATCH_SQL = """
 WITH due AS (
     SELECT id FROM billing_hold
@@ -859,7 +861,7 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), expired AS (
     UPDATE billing_hold AS h SET state = 'expired', resolved_at = %(now)s
-    FROM due WHERE h.id = due.id
+    WHERE h.id = ANY(ARRAY(SELECT id FROM due))
     RETURNING h.id, h.expires_at, h.account_id, h.api_key_id, h.amount, h.budgeted
 ), per_account AS (
     SELECT account_id, SUM(amount) AS total FROM expired GROUP BY account_id
