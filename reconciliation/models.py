@@ -26,7 +26,8 @@ class ReconciliationItem(models.Model):
 
     kind = models.CharField(max_length=24, choices=Kind.choices)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
-    request_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    # Looked up with its kind: the unique (kind, request_id) index below serves it.
+    request_id = models.CharField(max_length=64, blank=True, default="")
     account = models.ForeignKey(
         Account,
         null=True,
@@ -45,11 +46,21 @@ class ReconciliationItem(models.Model):
     created_at = models.DateTimeField()
     resolved_at = models.DateTimeField(null=True, blank=True)
     resolved_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,  # partial index below
     )
     resolution_memo = models.TextField(blank=True, default="")
     transaction = models.ForeignKey(
-        LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        LedgerTransaction,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,  # partial index below
     )
 
     class Meta:
@@ -61,7 +72,21 @@ class ReconciliationItem(models.Model):
                 name="one_item_per_request_and_kind",
             ),
         ]
-        indexes = [models.Index(fields=["status", "kind", "created_at"])]
+        # An expired-hold sweep inserts an item per hold: every index is paid for there. The
+        # two foreign keys are empty until an item is resolved, so only set ones are indexed.
+        indexes = [
+            models.Index(fields=["status", "kind", "created_at"]),
+            models.Index(
+                fields=["resolved_by"],
+                condition=Q(resolved_by__isnull=False),
+                name="item_resolved_by",
+            ),
+            models.Index(
+                fields=["transaction"],
+                condition=Q(transaction__isnull=False),
+                name="item_transaction",
+            ),
+        ]
         permissions = [
             ("reconcile_item", "Can retry, charge, write off and resolve reconciliation items"),
         ]

@@ -259,3 +259,24 @@ def test_every_scheduled_task_is_registered_with_celery():
 
     for task, _schedule, _options in migration.DEFAULT_TASKS.values():
         assert task in app.tasks
+
+
+@pytest.mark.django_db
+def test_the_sweep_writes_few_index_entries_per_item_and_lookups_still_use_an_index(
+    postgres_only: None,
+) -> None:
+    # One item per expired hold: each index on the table is an entry written per hold.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = %s ORDER BY 1",
+            [ReconciliationItem._meta.db_table],
+        )
+        indexes = [row[0] for row in cursor.fetchall()]
+        cursor.execute("SET LOCAL enable_seqscan = off")  # what an index can serve, at any size
+        by_request = ReconciliationItem.objects.filter(
+            kind=ReconciliationItem.Kind.EXPIRED_HOLD, request_id="req-1"
+        ).explain()
+        by_user = ReconciliationItem.objects.filter(resolved_by_id=1).explain()
+    assert len(indexes) == 6, indexes  # pk, (kind, request_id), account, (status, kind, created)
+    assert "one_item_per_request_and_kind" in by_request
+    assert "item_resolved_by" in by_user  # and the two partial foreign-key indexes
