@@ -198,14 +198,29 @@ def test_an_unreadable_anthropic_report_keeps_what_was_read_and_leaves_it_estima
         ({"output_tokens": 4}, True),
     ],
 )
-def test_a_report_without_its_main_counts_is_marked_estimated(
+def test_an_anthropic_report_without_its_main_counts_is_marked_estimated(
     body_usage: dict[str, Any], estimated: bool
 ) -> None:
     usage = AnthropicMessages.usage_from_body({"usage": body_usage})
     assert usage is not None and usage.estimated is estimated
-    openai = {"prompt_tokens": 9, "completion_tokens": 4}
-    assert openai_usage(openai).estimated is False  # type: ignore[union-attr]
-    assert openai_usage({"prompt_tokens": 9}).estimated is True  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("usage", "estimated"),
+    [
+        ({"prompt_tokens": 9, "completion_tokens": 4}, False),
+        ({"prompt_tokens": 9}, True),
+        ({"completion_tokens": 4}, True),
+    ],
+)
+def test_an_openai_report_without_its_main_counts_is_marked_estimated(
+    usage: dict[str, Any], estimated: bool
+) -> None:
+    read = openai_usage(usage)
+    assert read is not None and read.estimated is estimated
+
+
+def test_an_unreadable_anthropic_body_report_counts_as_not_reported() -> None:
     assert AnthropicMessages.usage_from_body({"usage": {"input_tokens": "9"}}) is None
 
 
