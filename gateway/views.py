@@ -100,11 +100,12 @@ class CompletionView(View):
         try:
             return await pipeline_run(request=request, adapter=self.adapter)
         except Exception as exc:
-            error = gateway_error(exc)
-            response = error_response(error, self.adapter.style)
-            if error.status == 401:
-                response["WWW-Authenticate"] = "Bearer"
-            return response
+            # No local may keep the exception: its traceback holds this frame, a cycle that
+            # would keep the request alive until the cyclic GC's oldest generation runs.
+            response = error_response(gateway_error(exc), self.adapter.style)
+        if response.status_code == 401:
+            response["WWW-Authenticate"] = "Bearer"
+        return response
 
 
 class ChatCompletionsView(CompletionView):
