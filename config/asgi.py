@@ -6,6 +6,7 @@ database in the request's own thread, and one for the rest of /v1/. The site's c
 full MIDDLEWARE list.
 """
 
+import gc
 import os
 from typing import Any
 
@@ -33,3 +34,8 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await gateway_application(scope, receive, send)
     else:
         await site_application(scope, receive, send)
+
+
+# What is loaded by now lives as long as the process: take it out of the cyclic GC's reach, so a
+# full collection no longer walks it (36 ms here before, 16 ms after, every request waiting).
+gc.freeze()
