@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from billing import metrics
 from gateway.errors import GatewayError, error_response, style_for_path
@@ -57,6 +57,10 @@ class GatewayMiddleware:
             )
             response = error_response(error, style)
         response["x-request-id"] = request_id
+        if isinstance(response, HttpResponse):  # a whole body, not a stream
+            # As Django's CommonMiddleware does: with a length the server sends the body as it
+            # is, not chunked (a write and its framing fewer per response).
+            response["Content-Length"] = str(len(response.content))
         response["X-Content-Type-Options"] = "nosniff"
         match = request.resolver_match
         route = match.route if match is not None else "unmatched"

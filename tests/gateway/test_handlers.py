@@ -22,7 +22,8 @@ from config.asgi import application
 from gateway.handler import CompletionASGIHandler, GatewayASGIHandler
 
 
-async def _call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], Any]:
+async def _call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], Any, int]:
+    """(status, headers, JSON body, body length in bytes)"""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -56,7 +57,7 @@ async def _call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[st
     start = sent[0]
     headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
     payload = b"".join(m.get("body", b"") for m in sent[1:])
-    return start["status"], headers, json.loads(payload)
+    return start["status"], headers, json.loads(payload), len(payload)
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def signals_seen() -> Any:
 def test_completions_are_served_without_request_signals(
     signals_seen: list[tuple[str, Any]], path: str, error_type: str
 ) -> None:
-    status, headers, body = asyncio.run(_call("POST", path, b"{}"))
+    status, headers, body, body_length = asyncio.run(_call("POST", path, b"{}"))
 
     # The gateway's framing still applies: provider-shaped error, request id.
     assert status == 401
@@ -91,12 +92,14 @@ def test_completions_are_served_without_request_signals(
     assert headers["www-authenticate"] == "Bearer"
     assert body["error"]["type"] == error_type
     assert signals_seen == []
+    # A whole body, with its length: the server need not chunk it.
+    assert int(headers["content-length"]) == body_length
 
 
 def test_read_endpoints_keep_djangos_request_signals(
     signals_seen: list[tuple[str, Any]],
 ) -> None:
-    status, headers, body = asyncio.run(_call("GET", "/v1/models"))
+    status, headers, body, _ = asyncio.run(_call("GET", "/v1/models"))
 
     assert status == 401 and headers["x-request-id"].startswith("req_")
     assert "error" in body
@@ -125,7 +128,7 @@ def test_a_completion_request_is_freed_when_it_ends(
     gc.collect()
     gc.disable()
     try:
-        status, _, _ = asyncio.run(_call("POST", "/v1/chat/completions", b"{}"))
+        status, *_ = asyncio.run(_call("POST", "/v1/chat/completions", b"{}"))
         assert status == 401  # an error answer: the view's except path ran too
         assert len(served) == 1
         assert served[0]() is None
