@@ -40,7 +40,7 @@ from billing.services.ledger import (
     request_idempotency_key,
     system_account_id,
 )
-from billing.sql import one_statement_transaction, sql_rows, sql_rows_async
+from billing.sql import on_postgresql, one_statement_transaction, sql_rows, sql_rows_async
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _one_statement_hold_params(
 ) -> dict[str, Any] | None:
     """The one-statement hold's parameters, or None where it does not apply (not PostgreSQL, a
     key with a budget: the general path places those)."""
-    if connection.vendor != "postgresql" or _is_budgeted(api_key):
+    if not on_postgresql() or _is_budgeted(api_key):
         return None
     return {
         "amount": to_units(amount),
@@ -484,7 +484,7 @@ def hold_settle(
     """
     if cost < 0:
         raise InvalidAmount("a cost cannot be negative")
-    if connection.vendor == "postgresql":
+    if on_postgresql():
         with one_statement_transaction():
             result = _hold_settle_common(
                 request_id=request_id,
@@ -616,7 +616,7 @@ async def hold_settle_async(
     without a budget, nothing posted yet): the same one statement, on an async connection.
     None when it wrote nothing or could not run: then hold_settle, in a thread, decides
     (replays, late settles, budgets, refusals, a database outage and its hand-off)."""
-    if connection.vendor != "postgresql" or cost < 0:
+    if not on_postgresql() or cost < 0:
         return None
     params = _settle_params(
         request_id=request_id,
@@ -896,7 +896,7 @@ def _holds_expire_batch(
     after: tuple[datetime, int],
 ) -> tuple[int, tuple[datetime, int]]:
     """Expire one batch; returns (count, where the next batch starts)."""
-    if connection.vendor == "postgresql":
+    if on_postgresql():
         with connection.cursor() as cursor:
             cursor.execute(
                 _EXPIRE_BATCH_SQL,
