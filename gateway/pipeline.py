@@ -205,14 +205,7 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
         api_key = await _in_threads(_hold_threads, _authenticate, secret=secret, now=now)
     parsed = adapter.parse(request_json(request))
     admission = _admission_for_loop()
-    try:
-        async with asyncio.timeout(settings.GATEWAY_ADMISSION_TIMEOUT_SECONDS):
-            await admission.acquire()
-    except TimeoutError:
-        metrics.HOLD_REFUSALS.labels("Overloaded").inc()
-        raise GatewayError(
-            503, "The gateway is overloaded; retry shortly.", "server_error", "overloaded"
-        ) from None
+    await _admit(admission)
     ask = HoldAsk(
         request_id=request_id,
         adapter=adapter,
@@ -242,6 +235,21 @@ async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpR
     # The provider bills a completion whether or not our client waits for it: once asked, the
     # answer is read and settled even if the client leaves meanwhile.
     return await _to_completion(_complete(request, billed))
+
+
+async def _admit(admission: asyncio.Semaphore) -> None:
+    """Take a slot for the hold; when every slot is taken, wait for one, but not forever."""
+    if not admission.locked():
+        await admission.acquire()  # at once, without a timer to set up and cancel
+        return
+    try:
+        async with asyncio.timeout(settings.GATEWAY_ADMISSION_TIMEOUT_SECONDS):
+            await admission.acquire()
+    except TimeoutError:
+        metrics.HOLD_REFUSALS.labels("Overloaded").inc()
+        raise GatewayError(
+            503, "The gateway is overloaded; retry shortly.", "server_error", "overloaded"
+        ) from None
 
 
 async def _to_completion(work: Awaitable[T]) -> T:
