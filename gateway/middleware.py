@@ -6,8 +6,8 @@ Async only: it is the one middleware of the gateway's handler (gateway/handler.p
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from django.conf import settings
@@ -47,7 +47,7 @@ class GatewayMiddleware:
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         started = time.monotonic()
-        request_id = "req_" + uuid.uuid4().hex
+        request_id = "req_" + secrets.token_hex(16)  # 32 hex digits, as uuid4().hex but cheaper
         request.request_id = request_id  # type: ignore[attr-defined]
         style = style_for_path(request.path)
         response = self._checked_body(request, style) or await self.get_response(request)
