@@ -13,10 +13,11 @@ from gateway.selectors import api_key_authenticate
 
 
 def request_secret(request: HttpRequest | Request) -> str:
-    header = request.headers.get("Authorization", "")
+    # From META: request.headers would build a dict of every header, for these two.
+    header = request.META.get("HTTP_AUTHORIZATION", "")
     if header[:7].lower() == "bearer ":
         return header[7:].strip()
-    return request.headers.get("x-api-key", "").strip()
+    return request.META.get("HTTP_X_API_KEY", "").strip()
 
 
 class ApiKeyAuthentication(BaseAuthentication):

@@ -277,7 +277,7 @@ def _upstream_call(
         billed.parsed,
         context.target(),
         max_output_tokens=billed.max_output_tokens,
-        anthropic_version=request.headers.get("anthropic-version"),
+        anthropic_version=request.META.get("HTTP_ANTHROPIC_VERSION"),
     )
     timeout = aiohttp.ClientTimeout(
         # The whole call, stream included, ends before the hold expires.
