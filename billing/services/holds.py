@@ -514,7 +514,9 @@ def hold_settle(
 
 
 # The common settle on PostgreSQL (an active hold of a key without a budget, nothing posted yet)
-# in one statement: lock the hold, then write the posting, its legs, the hold's resolution, the
+# in one statement: lock the hold (found by its request id alone: with the account and state in
+# the same WHERE, the planner walked the account's (account_id, state) index instead, through
+# every active hold of the account and the dead entries of settled ones), then write the posting, its legs, the hold's resolution, the
 # usage record and the account's balance and held, deciding overrun and lateness as hold_charge
 # does. If the hold is not in that state (replay, late after expiry, released, budgeted, or a
 # different account than the caller said) nothing is written and the ORM path below takes it.
@@ -522,13 +524,17 @@ def hold_settle(
 _HOLD_ACCOUNT_SQL = "SELECT account_id FROM billing_hold WHERE request_id = %(request_id)s"
 
 _SETTLE_SQL = """
-WITH locked AS (
+WITH target AS (
+    SELECT id, account_id, state, budgeted, transaction_id, settled_amount, amount,
+           created_at, expires_at, model_alias
+    FROM billing_hold WHERE request_id = %(request_id)s
+    FOR UPDATE
+), locked AS (
     SELECT id, amount, created_at, model_alias, %(cost)s::bigint > amount AS is_overrun,
            %(now)s >= expires_at AS is_late
-    FROM billing_hold
-    WHERE request_id = %(request_id)s AND account_id = %(account_id)s AND state = 'active'
+    FROM target
+    WHERE account_id = %(account_id)s AND state = 'active'
       AND NOT budgeted AND transaction_id IS NULL AND settled_amount IS NULL
-    FOR UPDATE
 ), txn AS (
     INSERT INTO billing_ledgertransaction (kind, idempotency_key, content_hash, request_id, memo,
         posted_by_id, occurred_at, posted_at, reverses_id, model_alias, is_overrun, is_late)

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -278,3 +279,45 @@ def test_the_holds_the_one_statements_return_are_the_rows_they_wrote(
     ).hold
     assert row(settled) == row(Hold.objects.get(request_id="r1"))
     assert settled.state == Hold.State.SETTLED and settled.transaction_id is not None
+
+
+def _hold_rows_filtered_out(plan: dict[str, Any]) -> int:
+    """Rows of billing_hold a plan's scans read and then discarded, over the whole plan."""
+    is_hold = plan.get("Relation Name") == "billing_hold"
+    own = plan.get("Rows Removed by Filter", 0) if is_hold else 0
+    return own + sum(_hold_rows_filtered_out(child) for child in plan.get("Plans", []))
+
+
+def test_the_one_statement_settle_reads_only_its_own_hold(now: datetime) -> None:
+    """However many holds the account has active. With the statistics of a working system
+    (active holds rare, each account's few), the settle's lock walked the account's
+    (account_id, state) index, reading every active hold of the account: a cost that grew with
+    the customer's concurrency (here 300 requests in flight on one account)."""
+    from billing.services.holds import _SETTLE_SQL, _settle_params
+
+    account = make_account(credits=D("100"), now=now)
+    key = make_key(account=account, now=now).api_key
+    for i in range(300):
+        hold_place(api_key=key, request_id=f"done-{i}", amount=D("0.01"), now=now, ttl_seconds=TTL)
+    Hold.objects.filter(request_id__startswith="done-").update(
+        state=Hold.State.RELEASED, resolved_at=now
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE billing_hold")  # what autovacuum would have seen
+    for i in range(300):
+        hold_place(api_key=key, request_id=f"busy-{i}", amount=D("0.01"), now=now, ttl_seconds=TTL)
+    params = _settle_params(
+        request_id="busy-150",
+        account_id=account.pk,
+        cost=D("0.005"),
+        now=now,
+        usage=Usage(input_tokens=1, output_tokens=1),
+        details=None,
+    )
+    # Bound on the server, as billing/sql.py runs it.
+    with psycopg.Cursor(connection.connection) as server_bound:
+        server_bound.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + _SETTLE_SQL, params)
+        [[[explained]]] = server_bound.fetchall()
+
+    assert _hold_rows_filtered_out(explained["Plan"]) == 0
+    assert Hold.objects.get(request_id="busy-150").state == Hold.State.SETTLED
