@@ -27,11 +27,13 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import sentry_sdk
 from asgiref.sync import ThreadSensitiveContext
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
+from sentry_sdk.integrations.django import DjangoIntegration
 
 from gateway.middleware import GatewayMiddleware
 
@@ -91,7 +93,15 @@ class CompletionASGIHandler(_GatewayMiddlewareOnly):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"the gateway serves HTTP only, not {scope['type']}")
-        await self.handle(scope, receive, send)
+        if sentry_sdk.get_client().get_integration(DjangoIntegration) is None:
+            await self.handle(scope, receive, send)
+            return
+        # Sentry's Django integration gives each request its own scope in ASGIHandler.__call__,
+        # which this handler does not call, and its create_request adds an event processor
+        # holding the request to the current one: without a scope per request, every request
+        # (body included) piled up on the process's, and an error event carried them all.
+        with sentry_sdk.isolation_scope():
+            await self.handle(scope, receive, send)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """ASGIHandler.handle without the request signals: the same body reading, the same race
