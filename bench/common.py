@@ -176,7 +176,11 @@ def proc_tree_cpu_seconds(pid: int) -> float:
     """CPU time of a process and its live descendants (uvicorn's worker processes)."""
     total = proc_cpu_seconds(pid)
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread ended since the listing (a pool thread retiring)
+            continue
+        for child in children:
             total += proc_tree_cpu_seconds(int(child))
     return total
 
