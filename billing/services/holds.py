@@ -514,12 +514,13 @@ def hold_settle(
 
 
 # The common settle on PostgreSQL (an active hold of a key without a budget, nothing posted yet)
-# in one statement: lock the hold (found by its request id alone: with the account and state in
-# the same WHERE, the planner walked the account's (account_id, state) index instead, through
-# every active hold of the account and the dead entries of settled ones), then write the posting, its legs, the hold's resolution, the
+# in one statement: lock the hold, then write the posting, its legs, the hold's resolution, the
 # usage record and the account's balance and held, deciding overrun and lateness as hold_charge
-# does. If the hold is not in that state (replay, late after expiry, released, budgeted, or a
-# different account than the caller said) nothing is written and the ORM path below takes it.
+# does. The hold is found by its request id alone and only then checked: with the account and
+# state in the same WHERE, the planner walked the account's (account_id, state) index instead,
+# through every active hold of the account and the dead entries of settled ones. If the hold
+# is not in that state (replay, late after expiry, released, budgeted, or a different account
+# than the caller said) nothing is written and the ORM path below takes it.
 # Casts are for the server-side binding of billing/sql.py (a NULL parameter has no type).
 _HOLD_ACCOUNT_SQL = "SELECT account_id FROM billing_hold WHERE request_id = %(request_id)s"
 
