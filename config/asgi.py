@@ -1,9 +1,8 @@
 """The ASGI application: /v1/ (the gateway) and everything else (admin, health, metrics).
 
-All are Django handlers over the same URLconf. The gateway's carry only the gateway's own async
-middleware (gateway/handler.py): one for the completion endpoints, which never use the
-database in the request's own thread, and one for the rest of /v1/. The site's carries the
-full MIDDLEWARE list.
+The completion endpoints have their own lean ASGI app; the rest of /v1/ and the site are Django
+handlers over the same URLconf: the gateway's with only the gateway's own async middleware, the
+site's with the full MIDDLEWARE list (gateway/handler.py says why).
 """
 
 import gc
@@ -19,16 +18,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 site_application = ASGIStaticFilesHandler(get_asgi_application())
 
 # These need the apps loaded above.
-from gateway.handler import CompletionASGIHandler, GatewayASGIHandler  # noqa: E402
-from gateway.urls import COMPLETION_PATHS  # noqa: E402
+from gateway.handler import COMPLETION_ADAPTERS, CompletionApp, GatewayASGIHandler  # noqa: E402
 
-completion_application = CompletionASGIHandler()
+completion_application = CompletionApp()
 gateway_application = GatewayASGIHandler()
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path = scope.get("path", "")
-    if scope["type"] == "http" and path in COMPLETION_PATHS:
+    if scope["type"] == "http" and path in COMPLETION_ADAPTERS:
         await completion_application(scope, receive, send)
     elif scope["type"] == "http" and path.startswith("/v1/"):
         await gateway_application(scope, receive, send)

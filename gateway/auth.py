@@ -12,12 +12,19 @@ from billing.models import ApiKey
 from gateway.selectors import api_key_authenticate
 
 
+def key_secret(*, authorization: str, x_api_key: str) -> str:
+    """The key from the two headers' values (absent: empty)."""
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return x_api_key.strip()
+
+
 def request_secret(request: HttpRequest | Request) -> str:
     # From META: request.headers would build a dict of every header, for these two.
-    header = request.META.get("HTTP_AUTHORIZATION", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.META.get("HTTP_X_API_KEY", "").strip()
+    return key_secret(
+        authorization=request.META.get("HTTP_AUTHORIZATION", ""),
+        x_api_key=request.META.get("HTTP_X_API_KEY", ""),
+    )
 
 
 class ApiKeyAuthentication(BaseAuthentication):

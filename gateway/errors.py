@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError
 from django.http import JsonResponse
+from rest_framework import exceptions
 
 from billing.errors import (
     AccountInactive,
@@ -16,6 +21,8 @@ from billing.errors import (
     ModelNotPriced,
 )
 
+logger = logging.getLogger(__name__)
+
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
 
@@ -26,7 +33,10 @@ _ANTHROPIC_TYPES = {
     402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "api_error",
     502: "api_error",
@@ -68,6 +78,26 @@ def error_body(error: GatewayError, style: str) -> dict[str, object]:
             "code": error.code,
         }
     }
+
+
+# For statuses an error can have without a view choosing its words (404, 405, 413, 500).
+STATUS_ERRORS = {
+    404: GatewayError(404, "Unknown endpoint.", "invalid_request_error", "unknown_url"),
+    405: GatewayError(405, "Method not allowed.", "invalid_request_error", "method_not_allowed"),
+    413: GatewayError(
+        413, "The request body is too large.", "invalid_request_error", "request_too_large"
+    ),
+    500: GatewayError(500, "The gateway hit an internal error.", "server_error", "internal_error"),
+}
+
+
+def too_large() -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body exceeds {settings.GATEWAY_MAX_BODY_BYTES} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+    )
 
 
 def error_response(error: GatewayError, style: str, request_id: str | None = None) -> JsonResponse:
@@ -115,3 +145,37 @@ def error_from_billing(exc: BillingError) -> GatewayError:
 
 def style_for_path(path: str) -> str:
     return ANTHROPIC if path.startswith("/v1/messages") else OPENAI
+
+
+def gateway_error(exc: Exception) -> GatewayError:
+    """What the client is told of an exception a view or the pipeline raised."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, BillingError):
+        return error_from_billing(exc)
+    if isinstance(exc, RequestDataTooBig):
+        return too_large()
+    if isinstance(exc, exceptions.ParseError):
+        return GatewayError(
+            400,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        )
+    if isinstance(exc, exceptions.UnsupportedMediaType):
+        return GatewayError(
+            415,
+            "Send the body as application/json.",
+            "invalid_request_error",
+            "unsupported_media_type",
+        )
+    if isinstance(exc, DatabaseError):
+        # Pool exhausted or database down: nothing was held or charged; the client may retry.
+        logger.warning("database unavailable before the hold: %s", type(exc).__name__)
+        return GatewayError(
+            503, "Billing is temporarily unavailable; retry shortly.", "server_error", "unavailable"
+        )
+    if isinstance(exc, exceptions.APIException):
+        return GatewayError(exc.status_code, str(exc.detail), "invalid_request_error")
+    logger.exception("unhandled gateway error")
+    return STATUS_ERRORS[500]

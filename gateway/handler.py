@@ -1,41 +1,53 @@
-"""Django's ASGI handlers for /v1/, with the gateway's own middleware only.
+"""The gateway's two ASGI apps for /v1/ (config/asgi.py picks by path).
 
-API clients carry keys, not sessions, cookies or CSRF tokens, so the admin's middleware has
-nothing to do for them; under ASGI each of Django's sync middleware would also cost two thread
-hops per request.
-
-Two handlers share that one middleware (config/asgi.py picks by path):
-
-- `CompletionASGIHandler` serves the completion endpoints, whose async views stay on the event
-  loop; their database work runs on the pipeline's async connections or in its own database
-  threads. Nothing of a completion request runs in a request thread, so it gets none, and Django's
-  request_started and request_finished signals are not sent: their receivers close the request
-  thread's database connections and caches, which a completion request never opens, and each
-  send cost a thread hop. At 32 concurrent requests those hops and the threads they woke were a
-  quarter of the gateway's CPU.
+- `CompletionApp` serves the completion endpoints, /v1/chat/completions and /v1/messages: it
+  reads the request off the wire, hands it to the one pipeline (gateway/pipeline.py) and sends
+  the pipeline's answer, without Django's request handling. Those two endpoints are the
+  gateway's whole hot path, and they used none of it: no session, cookie, CSRF or user, no URL
+  to resolve, no middleware but the gateway's own framing, no request thread (their database
+  work runs on the pipeline's async connections or its own threads), and no request signals
+  (their receivers close a request thread's connections, which these requests never open).
+  Django's request and response objects, its URL resolver and middleware chain were still a
+  tenth of the gateway's CPU per request.
 - `GatewayASGIHandler` serves the rest of /v1/ (the sync DRF read views, 404s): Django's
-  handling, signals included, so a read view's connection goes back to the pool. Django gives
-  every request a thread for its thread-sensitive work, created and joined per request; this
-  handler lends each request a reusable one from a free list instead (asgiref allows an
-  executor to be reused by later blocks, never shared by two at once).
+  handling with the gateway's one middleware (API clients carry keys, not sessions, cookies or
+  CSRF tokens, so the admin's middleware has nothing to do for them), signals included, so a
+  read view's connection goes back to the pool. Django gives every request a thread for its
+  thread-sensitive work, created and joined per request; this handler lends each request a
+  reusable one from a free list instead (asgiref allows an executor to be reused by later
+  blocks, never shared by two at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sentry_sdk
 from asgiref.sync import ThreadSensitiveContext
-from django.core.exceptions import RequestAborted
-from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
-from django.urls import set_script_prefix
 from sentry_sdk.integrations.django import DjangoIntegration
+from sentry_sdk.types import Event, Hint
 
+from billing import metrics
+from gateway.errors import STATUS_ERRORS, GatewayError, gateway_error, too_large
+from gateway.http import (
+    CompletionRequest,
+    JsonAnswer,
+    StreamAnswer,
+    error_answer,
+    request_id_new,
+)
 from gateway.middleware import GatewayMiddleware
+from gateway.pipeline import pipeline_run
+from gateway.upstreams.anthropic import AnthropicMessages
+from gateway.upstreams.base import Adapter
+from gateway.upstreams.openai import OpenAIChat
 
 # Idle request threads kept for reuse; a burst beyond this creates (and later drops) more.
 IDLE_REQUEST_THREADS = 64
@@ -80,62 +92,170 @@ class GatewayASGIHandler(_GatewayMiddlewareOnly):
 async def _client_gone(receive: Any) -> None:
     """Returns once the client has gone; uvicorn also says so once the response is sent.
 
-    Django's listen_for_disconnect raises RequestAborted instead, on every request: the
-    exception's traceback holds handle()'s frame, which holds the task that holds the
-    exception, and that cycle kept each request's objects (request, headers, frames) alive
-    until the cyclic GC's oldest generation reached them. Nothing else follows a complete body.
+    (Django's listen_for_disconnect raises RequestAborted instead: the exception's traceback
+    would hold the handler's frame, which holds the task that holds the exception, a cycle
+    that kept each request alive until the cyclic GC's oldest generation reached it.) Nothing
+    else follows a complete body.
     """
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-class CompletionASGIHandler(_GatewayMiddlewareOnly):
+async def _body_read(receive: Any, *, declared: int) -> bytes | None:
+    """The whole request body (None: the client left first), or a 413 GatewayError beyond
+    GATEWAY_MAX_BODY_BYTES, declared or sent (a chunked body declares nothing)."""
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    if declared > limit:
+        raise too_large()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _declared_length(headers: dict[str, str]) -> int:
+    try:
+        return int(headers.get("content-length") or 0)
+    except ValueError:
+        return 0
+
+
+async def _answer(request: CompletionRequest, adapter: type[Adapter]) -> JsonAnswer | StreamAnswer:
+    try:
+        return await pipeline_run(request=request, adapter=adapter)
+    except Exception as exc:
+        # Nothing may keep the exception: its traceback holds this frame, a cycle that would
+        # keep the request alive until the cyclic GC's oldest generation runs.
+        return error_answer(gateway_error(exc), adapter.style)
+
+
+def _response_start(
+    status: int, content_type: str, headers: dict[str, str], *, request_id: str
+) -> dict[str, Any]:
+    return {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", content_type.encode()),
+            (b"x-request-id", request_id.encode()),
+            (b"x-content-type-options", b"nosniff"),
+            *((name.encode(), value.encode()) for name, value in headers.items()),
+        ],
+    }
+
+
+async def _answer_send(answer: JsonAnswer | StreamAnswer, send: Any, *, request_id: str) -> None:
+    if isinstance(answer, JsonAnswer):
+        body = answer.body()
+        # With a length the server sends the body as it is, not chunked.
+        answer.headers["content-length"] = str(len(body))
+        await send(
+            _response_start(
+                answer.status, "application/json", answer.headers, request_id=request_id
+            )
+        )
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send(_response_start(200, answer.content_type, answer.headers, request_id=request_id))
+    # Closed however the loop ends: a client that leaves mid-send stops the relay, which then
+    # settles what was generated.
+    async with contextlib.aclosing(answer.chunks) as chunks:
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _sentry_request(scope: dict[str, Any]) -> Any:
+    """An event processor giving an error event its request's method and URL (no headers, no
+    body: the scrubber would drop most of them anyway)."""
+    url = f"{scope.get('scheme', 'http')}://{dict(scope['headers']).get(b'host', b'').decode()}"
+
+    def processor(event: Event, hint: Hint) -> Event:
+        event.setdefault("request", {"method": scope["method"], "url": url + scope["path"]})
+        return event
+
+    return processor
+
+
+COMPLETION_ADAPTERS: dict[str, type[Adapter]] = {
+    "/v1/chat/completions": OpenAIChat,
+    "/v1/messages": AnthropicMessages,
+}
+
+
+class CompletionApp:
+    """The ASGI app of the completion endpoints (the paths of COMPLETION_ADAPTERS)."""
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"the gateway serves HTTP only, not {scope['type']}")
         if sentry_sdk.get_client().get_integration(DjangoIntegration) is None:
-            await self.handle(scope, receive, send)
+            await self.serve(scope, receive, send)
             return
-        # Sentry's Django integration gives each request its own scope in ASGIHandler.__call__,
-        # which this handler does not call, and its create_request adds an event processor
-        # holding the request to the current one: without a scope per request, every request
-        # (body included) piled up on the process's, and an error event carried them all.
-        with sentry_sdk.isolation_scope():
-            await self.handle(scope, receive, send)
+        # A scope per request, as Sentry's own ASGI and Django integrations give one: what a
+        # request adds to it (breadcrumbs, the request's processor) leaves with the request.
+        with sentry_sdk.isolation_scope() as sentry_scope:
+            sentry_scope.add_event_processor(_sentry_request(scope))
+            await self.serve(scope, receive, send)
 
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """ASGIHandler.handle without the request signals: the same body reading, the same race
-        between the response and the client's disconnect (a client that leaves cancels the
-        view, whose pipeline settles or releases what it held)."""
+    async def serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = time.monotonic()
+        path = scope["path"]
+        adapter = COMPLETION_ADAPTERS[path]
+        request_id = request_id_new()
+        if scope["method"] != "POST":
+            refusal = error_answer(STATUS_ERRORS[405], adapter.style)
+            refusal.headers["allow"] = "POST"
+            await _reply(refusal, send, path=path, request_id=request_id, started=started)
+            return
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+        }
         try:
-            body_file = await self.read_body(receive)
-        except RequestAborted:
+            body = await _body_read(receive, declared=_declared_length(headers))
+        except GatewayError as too_big:
+            refusal = error_answer(too_big, adapter.style)
+            await _reply(refusal, send, path=path, request_id=request_id, started=started)
             return
-        set_script_prefix(get_script_prefix(scope))
-        request, error_response = self.create_request(scope, body_file)
-        if request is None:
-            body_file.close()
-            assert error_response is not None  # Django returns one or the other
-            await self.send_response(error_response, send)
-            return
+        if body is None:
+            return  # the client left before it finished asking
+        request = CompletionRequest(request_id=request_id, body=body, headers=headers)
 
         async def respond() -> None:
-            response = await self.run_get_response(request)
-            # The views return JSON or an async stream: no file or other resource to close.
+            answer = await _answer(request, adapter)
             with contextlib.suppress(asyncio.CancelledError):  # the client left mid-send
-                await self.send_response(response, send)
+                await _reply(answer, send, path=path, request_id=request_id, started=started)
 
-        # The listener first: it never raises past the cancellation of the response below.
+        # Answer, unless the client leaves first: then the answer is cancelled (the pipeline
+        # settles or releases what it held). The listener first: it never raises past the
+        # cancellation of the response below.
         tasks = (asyncio.create_task(_client_gone(receive)), asyncio.create_task(respond()))
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                # Cancelled: the response, because the client left.
-                with contextlib.suppress(asyncio.CancelledError):
-                    if task.done():
-                        task.result()
-                    else:
-                        task.cancel()
-                        await task
-        finally:
-            body_file.close()
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            # Cancelled: the response, because the client left.
+            with contextlib.suppress(asyncio.CancelledError):
+                if task.done():
+                    task.result()
+                else:
+                    task.cancel()
+                    await task
+
+
+async def _reply(
+    answer: JsonAnswer | StreamAnswer, send: Any, *, path: str, request_id: str, started: float
+) -> None:
+    route = path[1:]  # as Django's resolver would name it: "v1/chat/completions"
+    status = answer.status if isinstance(answer, JsonAnswer) else 200
+    metrics.REQUESTS.labels(route, str(status)).inc()
+    # Until the answer is ready; a stream's whole duration is its own metric.
+    metrics.REQUEST_LATENCY.labels(route).observe(time.monotonic() - started)
+    await _answer_send(answer, send, request_id=request_id)

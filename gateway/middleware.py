@@ -1,12 +1,13 @@
-"""Gateway framing for /v1/: a request id on every response, body size limit, provider-shaped
-JSON for every error (including 404, 413 and 500 raised outside the views), request metrics.
+"""Gateway framing for /v1/'s read endpoints (and its unknown paths): a request id on every
+response, body size limit, provider-shaped JSON for every error (including 404, 413 and 500
+raised outside the views), request metrics. The completion endpoints' ASGI app frames its
+responses the same way (gateway/handler.py).
 
-Async only: it is the one middleware of the gateway's handler (gateway/handler.py)."""
+Async only: it is the one middleware of the gateway's Django handler (gateway/handler.py)."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,27 +16,10 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from billing import metrics
-from gateway.errors import GatewayError, error_response, style_for_path
+from gateway.errors import STATUS_ERRORS, GatewayError, error_response, style_for_path, too_large
+from gateway.http import request_id_new
 
 logger = logging.getLogger(__name__)
-
-_STATUS_ERRORS = {
-    404: GatewayError(404, "Unknown endpoint.", "invalid_request_error", "unknown_url"),
-    405: GatewayError(405, "Method not allowed.", "invalid_request_error", "method_not_allowed"),
-    413: GatewayError(
-        413, "The request body is too large.", "invalid_request_error", "request_too_large"
-    ),
-    500: GatewayError(500, "The gateway hit an internal error.", "server_error", "internal_error"),
-}
-
-
-def too_large() -> GatewayError:
-    return GatewayError(
-        413,
-        f"The request body exceeds {settings.GATEWAY_MAX_BODY_BYTES} bytes.",
-        "invalid_request_error",
-        "request_too_large",
-    )
 
 
 class GatewayMiddleware:
@@ -47,12 +31,12 @@ class GatewayMiddleware:
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         started = time.monotonic()
-        request_id = "req_" + secrets.token_hex(16)  # 32 hex digits, as uuid4().hex but cheaper
+        request_id = request_id_new()
         request.request_id = request_id  # type: ignore[attr-defined]
         style = style_for_path(request.path)
         response = self._checked_body(request, style) or await self.get_response(request)
         if response.status_code >= 400 and "json" not in response.get("Content-Type", ""):
-            error = _STATUS_ERRORS.get(response.status_code) or GatewayError(
+            error = STATUS_ERRORS.get(response.status_code) or GatewayError(
                 response.status_code, "Request failed.", "invalid_request_error"
             )
             response = error_response(error, style)
@@ -90,4 +74,4 @@ class GatewayMiddleware:
         logger.exception(
             "unhandled gateway error (request %s)", getattr(request, "request_id", "?")
         )
-        return error_response(_STATUS_ERRORS[500], style_for_path(request.path))
+        return error_response(STATUS_ERRORS[500], style_for_path(request.path))

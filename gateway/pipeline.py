@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 import aiohttp
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
-from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 
 from billing import metrics
@@ -51,8 +50,8 @@ from billing.services.holds import (
     hold_settle,
     hold_settle_async,
 )
-from gateway.auth import request_secret
 from gateway.errors import GatewayError, error_from_billing, invalid_param
+from gateway.http import CompletionRequest, JsonAnswer, StreamAnswer
 from gateway.selectors import (
     ModelContext,
     api_key_authenticate,
@@ -195,11 +194,13 @@ class BilledRequest:
             metrics.TIME_TO_FIRST_BYTE.labels(self.adapter.endpoint).observe(elapsed)
 
 
-async def pipeline_run(*, request: HttpRequest, adapter: type[Adapter]) -> HttpResponseBase:
-    request_id: str = request.request_id  # type: ignore[attr-defined]
+async def pipeline_run(
+    *, request: CompletionRequest, adapter: type[Adapter]
+) -> JsonAnswer | StreamAnswer:
+    request_id = request.request_id
     started = time.monotonic()
     now = timezone.now()
-    secret = request_secret(request)
+    secret = request.secret
     api_key = api_key_from_cache(secret=secret, now=now)
     if api_key is None:
         api_key = await _in_threads(_hold_threads, _authenticate, secret=secret, now=now)
@@ -270,14 +271,14 @@ async def _give_back(billed: BilledRequest, *, outcome: str) -> None:
 
 
 def _upstream_call(
-    request: HttpRequest, billed: BilledRequest
+    request: CompletionRequest, billed: BilledRequest
 ) -> tuple[str, dict[str, str], dict[str, Any], aiohttp.ClientTimeout]:
     context = billed.context
     url, headers, body = billed.adapter.upstream_request(
         billed.parsed,
         context.target(),
         max_output_tokens=billed.max_output_tokens,
-        anthropic_version=request.META.get("HTTP_ANTHROPIC_VERSION"),
+        anthropic_version=request.headers.get("anthropic-version"),
     )
     timeout = aiohttp.ClientTimeout(
         # The whole call, stream included, ends before the hold expires.
@@ -295,7 +296,7 @@ async def _upstream_failed(billed: BilledRequest, failure: UpstreamFailure) -> G
     return upstream_error(failure)
 
 
-async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponseBase:
+async def _complete(request: CompletionRequest, billed: BilledRequest) -> JsonAnswer:
     """A non-streaming completion: call, read, settle, answer."""
     try:
         payload = await _call_json(*_upstream_call(request, billed))
@@ -310,14 +311,15 @@ async def _complete(request: HttpRequest, billed: BilledRequest) -> HttpResponse
     if usage is None or usage.estimated:
         usage = _estimated_usage(billed, reported=usage, generated=adapter.texts_from_body(payload))
     cost = await _settle_stage(billed=billed, usage=usage, outcome="completed")
-    response = JsonResponse(adapter.with_cost(payload, usage=usage, cost=money_str(cost)))
-    response["x-request-cost"] = money_str(cost)
-    return response
+    priced = money_str(cost)
+    return JsonAnswer(
+        adapter.with_cost(payload, usage=usage, cost=priced), headers={"x-request-cost": priced}
+    )
 
 
-async def _stream_start(request: HttpRequest, billed: BilledRequest) -> HttpResponseBase:
+async def _stream_start(request: CompletionRequest, billed: BilledRequest) -> StreamAnswer:
     """Open the stream (a failure before its first byte is answered like any other), then
-    hand the relay to Django as the response's body."""
+    hand the relay over as the response's body."""
     try:
         call, state, first = await _stream_open(billed, *_upstream_call(request, billed))
     except UpstreamFailure as failure:
@@ -325,19 +327,18 @@ async def _stream_start(request: HttpRequest, billed: BilledRequest) -> HttpResp
     except BaseException:
         await _give_back(billed, outcome="gateway_error")
         raise
-    stream = StreamingHttpResponse(
-        _relay(billed, call, state, first), content_type=billed.adapter.stream_content_type
+    return StreamAnswer(
+        _relay(billed, call, state, first),
+        content_type=billed.adapter.stream_content_type,
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
-    stream["Cache-Control"] = "no-cache"
-    stream["X-Accel-Buffering"] = "no"
-    return stream
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def request_json(request: HttpRequest) -> Any:
+def request_json(request: CompletionRequest) -> Any:
     """The JSON body (strict: no NaN or Infinity), or a 400 / 415 GatewayError."""
     content_type = request.content_type or "application/json"
     if content_type != "application/json" and not content_type.endswith("+json"):
@@ -492,7 +493,7 @@ def _feed(state: StreamState, events: list[bytes]) -> tuple[bytes, Exception | N
 
 async def _relay(
     billed: BilledRequest, call: UpstreamCall, state: StreamState, first: list[bytes]
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     outcome = "completed"
     try:
         events: list[bytes] | None = first

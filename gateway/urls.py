@@ -2,13 +2,9 @@ from django.urls import path
 
 from gateway import views
 
-# The completion endpoints: config/asgi.py sends these paths to the gateway's completion
-# handler (gateway/handler.py), everything else under /v1/ to its general one.
-COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/messages"})
-
+# The completion endpoints, /v1/chat/completions and /v1/messages, are not Django views:
+# config/asgi.py sends them to the gateway's completion app (gateway/handler.py).
 urlpatterns = [
-    path("v1/chat/completions", views.ChatCompletionsView.as_view()),
-    path("v1/messages", views.MessagesView.as_view()),
     path("v1/models", views.ModelsView.as_view()),
     path("v1/billing/balance", views.BalanceView.as_view()),
     path("v1/billing/ledger", views.LedgerView.as_view()),

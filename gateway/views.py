@@ -1,77 +1,24 @@
-"""Thin views. The completion endpoints are async Django views handing their adapter to the one
-pipeline (gateway/pipeline.py); the read endpoints are DRF views."""
+"""The read endpoints: thin DRF views. (The completion endpoints are served by
+gateway/handler.py's ASGI app, through the one pipeline.)"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError
-from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from django.http import HttpResponseBase, JsonResponse
 from django.utils import timezone
-from django.views import View
-from rest_framework import exceptions
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from billing.errors import BillingError
 from billing.models import ApiKey
 from billing.selectors import account_balance_get, account_entries, leg_as_json, usage_totals
 from gateway.auth import ApiKeyAuthentication
-from gateway.errors import (
-    OPENAI,
-    GatewayError,
-    error_body,
-    error_from_billing,
-    error_response,
-    invalid_param,
-)
-from gateway.middleware import too_large
-from gateway.pipeline import pipeline_run
+from gateway.errors import OPENAI, error_body, gateway_error, invalid_param
 from gateway.selectors import models_for_key
-from gateway.upstreams.anthropic import AnthropicMessages
-from gateway.upstreams.base import Adapter
-from gateway.upstreams.openai import OpenAIChat
-
-logger = logging.getLogger(__name__)
-
-
-def gateway_error(exc: Exception) -> GatewayError:
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, BillingError):
-        return error_from_billing(exc)
-    if isinstance(exc, RequestDataTooBig):
-        return too_large()
-    if isinstance(exc, exceptions.ParseError):
-        return GatewayError(
-            400,
-            "We could not parse the JSON body of your request.",
-            "invalid_request_error",
-            "invalid_json",
-        )
-    if isinstance(exc, exceptions.UnsupportedMediaType):
-        return GatewayError(
-            415,
-            "Send the body as application/json.",
-            "invalid_request_error",
-            "unsupported_media_type",
-        )
-    if isinstance(exc, DatabaseError):
-        # Pool exhausted or database down: nothing was held or charged; the client may retry.
-        logger.warning("database unavailable before the hold: %s", type(exc).__name__)
-        return GatewayError(
-            503, "Billing is temporarily unavailable; retry shortly.", "server_error", "unavailable"
-        )
-    if isinstance(exc, exceptions.APIException):
-        return GatewayError(exc.status_code, str(exc.detail), "invalid_request_error")
-    logger.exception("unhandled gateway error")
-    return GatewayError(500, "The gateway hit an internal error.", "server_error", "internal_error")
 
 
 class GatewayView(APIView):
@@ -90,30 +37,6 @@ class GatewayView(APIView):
     @property
     def api_key(self) -> ApiKey:
         return self.request.auth  # type: ignore[return-value]
-
-
-class CompletionView(View):
-    http_method_names = ["post"]
-    adapter: type[Adapter]
-
-    async def post(self, request: HttpRequest) -> HttpResponseBase:
-        try:
-            return await pipeline_run(request=request, adapter=self.adapter)
-        except Exception as exc:
-            # No local may keep the exception: its traceback holds this frame, a cycle that
-            # would keep the request alive until the cyclic GC's oldest generation runs.
-            response = error_response(gateway_error(exc), self.adapter.style)
-        if response.status_code == 401:
-            response["WWW-Authenticate"] = "Bearer"
-        return response
-
-
-class ChatCompletionsView(CompletionView):
-    adapter = OpenAIChat
-
-
-class MessagesView(CompletionView):
-    adapter = AnthropicMessages
 
 
 class ModelsView(GatewayView):

@@ -1,29 +1,35 @@
-"""config/asgi.py's routing between the gateway's two handlers, called in-process as uvicorn
-calls them. (End to end through uvicorn, every other gateway test uses both handlers.)
+"""config/asgi.py's routing between the gateway's two apps, called in-process as uvicorn calls
+them. (End to end through uvicorn, every other gateway test uses both.)
 
 Completion requests run nothing in a request thread, so they are served without Django's
-request signals (whose thread hops were a quarter of the gateway's CPU at 32 concurrent
-requests); the read endpoints run sync views that use the database in the request's thread, so
-they keep them, and with them the connection's return to the pool."""
+request handling and its signals (whose thread hops were a quarter of the gateway's CPU at 32
+concurrent requests); the read endpoints run sync views that use the database in the request's
+thread, so they keep them, and with them the connection's return to the pool."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import json
-import logging
 import weakref
 from typing import Any
 
 import pytest
+import sentry_sdk
 from django.core.signals import request_finished, request_started
 
 from config.asgi import application
-from gateway.handler import CompletionASGIHandler, GatewayASGIHandler
+from gateway import handler
+from gateway.handler import GatewayASGIHandler
 
 
-async def _call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], Any, int]:
-    """(status, headers, JSON body, body length in bytes)"""
+async def _call(
+    method: str,
+    path: str,
+    body: bytes | list[bytes] = b"",
+    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> tuple[int, dict[str, str], Any, int]:
+    """(status, headers, JSON body, body length in bytes); a list body arrives in those chunks."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -34,11 +40,19 @@ async def _call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[st
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"host", b"testserver"),
+            *extra_headers,
+        ],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
     }
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    chunks = body if isinstance(body, list) else [body]
+    messages = [
+        {"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}
+        for index, chunk in enumerate(chunks)
+    ]
     response_done = asyncio.Event()
     sent: list[dict[str, Any]] = []
 
@@ -104,7 +118,63 @@ def test_read_endpoints_keep_djangos_request_signals(
     assert status == 401 and headers["x-request-id"].startswith("req_")
     assert "error" in body
     assert signals_seen == [("started", GatewayASGIHandler), ("finished", GatewayASGIHandler)]
-    assert not any(sender is CompletionASGIHandler for _, sender in signals_seen)
+
+
+@pytest.mark.parametrize(
+    ("path", "error_type"),
+    [("/v1/chat/completions", "invalid_request_error"), ("/v1/messages", "invalid_request_error")],
+)
+def test_a_completion_endpoint_refuses_other_methods(path: str, error_type: str) -> None:
+    status, headers, body, _ = asyncio.run(_call("GET", path))
+
+    assert status == 405
+    assert headers["allow"] == "POST"
+    assert headers["x-request-id"].startswith("req_")
+    assert body["error"]["type"] == error_type
+
+
+def test_a_body_over_the_limit_is_refused_declared_or_sent(settings: Any) -> None:
+    settings.GATEWAY_MAX_BODY_BYTES = 100
+    declared = ((b"content-length", b"101"),)
+    cases = [
+        _call("POST", "/v1/messages", b"{}", declared),
+        _call("POST", "/v1/messages", [b"x" * 60] * 2),
+    ]
+    for case in cases:
+        status, headers, body, _ = asyncio.run(case)
+        assert status == 413
+        assert body == {
+            "type": "error",
+            "error": {
+                "type": "request_too_large",
+                "message": "The request body exceeds 100 bytes.",
+            },
+        }
+        assert headers["x-request-id"].startswith("req_")
+    # At the limit, the body is read whole (and the request then fails on its missing key).
+    status, *_ = asyncio.run(_call("POST", "/v1/messages", [b"{" + b" " * 49, b" " * 49 + b"}"]))
+    assert status == 401
+
+
+def test_a_client_that_leaves_mid_body_gets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[Any] = []
+    monkeypatch.setattr(handler, "pipeline_run", lambda **kwargs: asked.append(kwargs))
+    sent: list[Any] = []
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"model":', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    asyncio.run(application(scope, receive, send))
+
+    assert (asked, sent) == ([], [])
 
 
 @pytest.mark.parametrize("sentry", [False, True], ids=["sentry_off", "sentry_on"])
@@ -112,34 +182,48 @@ def test_a_completion_request_is_freed_when_it_ends(
     sentry: bool,
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without the cyclic GC: an exception kept per request (Django's disconnect listener
-    raised one on every request; the view kept its error) ties the handler's or the view's
-    frame, and with it the request, into a reference cycle that only the GC's oldest
-    generation frees, in pauses of tens of milliseconds under load. With Sentry on, its
-    Django integration keeps each request in an event processor on the current scope, which
-    must be the request's own."""
+    raised one on every request; the view kept its error) ties the handler's frame, and with
+    it the request, into a reference cycle that only the GC's oldest generation frees, in
+    pauses of tens of milliseconds under load."""
     if sentry:
         request.getfixturevalue("sentry_events")
     served: list[weakref.ref[Any]] = []
-    create_request = CompletionASGIHandler.create_request
+    pipeline_run = handler.pipeline_run
 
-    def recording(self: CompletionASGIHandler, scope: Any, body_file: Any) -> Any:
-        asgi_request, error_response = create_request(self, scope, body_file)
-        served.append(weakref.ref(asgi_request))
-        return asgi_request, error_response
+    async def recording(**kwargs: Any) -> Any:
+        served.append(weakref.ref(kwargs["request"]))
+        return await pipeline_run(**kwargs)
 
-    monkeypatch.setattr(CompletionASGIHandler, "create_request", recording)
-    # Django logs the 401 with the request attached, and the capture would keep that record.
-    caplog.set_level(logging.ERROR, logger="django.request")
+    monkeypatch.setattr(handler, "pipeline_run", recording)
     gc.collect()
     gc.disable()
     try:
         for _ in range(2):
             status, *_ = asyncio.run(_call("POST", "/v1/chat/completions", b"{}"))
-            assert status == 401  # an error answer: the view's except path ran too
+            assert status == 401  # an error answer: the app's except path ran too
         assert len(served) == 2
         assert [ref() for ref in served] == [None, None]
     finally:
         gc.enable()
+
+
+def test_an_error_event_carries_its_own_request_only(
+    sentry_events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each completion request has its own Sentry scope: its error events say which request
+    failed, and nothing of it stays on the process's scope once it has ended."""
+
+    async def failing(**kwargs: Any) -> Any:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(handler, "pipeline_run", failing)
+    status, _, body, _ = asyncio.run(_call("POST", "/v1/chat/completions", b"{}"))
+    sentry_sdk.capture_message("after the request")
+
+    assert (status, body["error"]["code"]) == (500, "internal_error")
+    assert [event.get("request") for event in sentry_events] == [
+        {"method": "POST", "url": "http://testserver/v1/chat/completions"},
+        None,
+    ]

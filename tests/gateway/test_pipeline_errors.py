@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from django.db import connection
-from django.test import RequestFactory
 from django.utils import timezone
 
 from billing.models import Account, Hold, UsageRecord
@@ -20,6 +19,7 @@ from billing.pricing import Price
 from billing.services.holds import hold_place
 from billing.sql import sql_async_pool_close
 from gateway import pipeline
+from gateway.http import CompletionRequest
 from gateway.upstreams.openai import OpenAIChat
 from tests.factories import make_account, make_key
 
@@ -73,7 +73,7 @@ def test_an_unexpected_error_before_the_upstream_call_releases_the_whole_hold(
     stage = pipeline._stream_start if stream else pipeline._complete
 
     with pytest.raises(RuntimeError, match="a bug of ours"):
-        asyncio.run(stage(RequestFactory().post("/v1/chat/completions"), billed))
+        asyncio.run(stage(CompletionRequest(request_id="req-1", body=b"", headers={}), billed))
 
     hold = Hold.objects.get(request_id="req-1")
     assert hold.state == Hold.State.RELEASED

@@ -6,10 +6,10 @@ import time
 from decimal import Decimal
 
 import pytest
-from django.test import RequestFactory
 from django.utils import timezone
 
 from billing.pricing import Price
+from gateway.http import CompletionRequest
 from gateway.pipeline import BilledRequest, _upstream_call
 from gateway.selectors import ModelContext
 from gateway.upstreams.anthropic import DEFAULT_VERSION, AnthropicMessages
@@ -49,10 +49,9 @@ def test_the_anthropic_version_forwarded_is_the_clients(
         started_at=timezone.now(),
         started=time.monotonic(),
     )
-    request = RequestFactory().post(
-        "/v1/messages",
-        data=b"{}",
-        content_type="application/json",
+    request = CompletionRequest(
+        request_id="req-1",
+        body=b"{}",
         headers={"anthropic-version": client_version} if client_version else {},
     )
 
