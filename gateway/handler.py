@@ -89,16 +89,17 @@ class GatewayASGIHandler(_GatewayMiddlewareOnly):
                 thread.shutdown(wait=False)
 
 
-async def _client_gone(receive: Any) -> None:
-    """Returns once the client has gone; uvicorn also says so once the response is sent.
+async def _cancel_when_gone(receive: Any, answering: asyncio.Task[Any]) -> None:
+    """Cancel `answering` once the client has gone (uvicorn also says so once the response is
+    sent: by then this watcher has been cancelled). Nothing else follows a complete body.
 
     (Django's listen_for_disconnect raises RequestAborted instead: the exception's traceback
-    would hold the handler's frame, which holds the task that holds the exception, a cycle
-    that kept each request alive until the cyclic GC's oldest generation reached it.) Nothing
-    else follows a complete body.
+    held the handler's frame, which held the task that held the exception, a cycle that kept
+    each request alive until the cyclic GC's oldest generation reached it.)
     """
     while (await receive())["type"] != "http.disconnect":
         pass
+    answering.cancel()
 
 
 async def _body_read(receive: Any, *, declared: int) -> bytes | None:
@@ -230,24 +231,20 @@ class CompletionApp:
             return  # the client left before it finished asking
         request = CompletionRequest(request_id=request_id, body=body, headers=headers)
 
-        async def respond() -> None:
+        # Answer in this task, unless the client leaves first: then the watcher cancels it,
+        # and the pipeline settles or releases what it held.
+        answering = asyncio.current_task()
+        assert answering is not None
+        watcher = asyncio.create_task(_cancel_when_gone(receive, answering))
+        try:
             answer = await _answer(request, adapter)
-            with contextlib.suppress(asyncio.CancelledError):  # the client left mid-send
-                await _reply(answer, send, path=path, request_id=request_id, started=started)
-
-        # Answer, unless the client leaves first: then the answer is cancelled (the pipeline
-        # settles or releases what it held). The listener first: it never raises past the
-        # cancellation of the response below.
-        tasks = (asyncio.create_task(_client_gone(receive)), asyncio.create_task(respond()))
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            # Cancelled: the response, because the client left.
-            with contextlib.suppress(asyncio.CancelledError):
-                if task.done():
-                    task.result()
-                else:
-                    task.cancel()
-                    await task
+            await _reply(answer, send, path=path, request_id=request_id, started=started)
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # not the client's leaving: the server is stopping
+            answering.uncancel()
+        finally:
+            watcher.cancel()
 
 
 async def _reply(

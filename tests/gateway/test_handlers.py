@@ -159,22 +159,76 @@ def test_a_body_over_the_limit_is_refused_declared_or_sent(settings: Any) -> Non
 def test_a_client_that_leaves_mid_body_gets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[Any] = []
     monkeypatch.setattr(handler, "pipeline_run", lambda **kwargs: asked.append(kwargs))
-    sent: list[Any] = []
-    messages: list[dict[str, Any]] = [
-        {"type": "http.request", "body": b'{"model":', "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    client_left = asyncio.Event()
+    client_left.set()
+    request = [{"type": "http.request", "body": b'{"model":', "more_body": True}]
+    receive, send, sent = _asgi_channel(request, client_left)
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
     asyncio.run(application(scope, receive, send))
 
     assert (asked, sent) == ([], [])
+
+
+def _asgi_channel(
+    messages: list[dict[str, Any]], client_left: asyncio.Event
+) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """receive (these messages, then a disconnect once `client_left` is set), send, and sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await client_left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return receive, send, sent
+
+
+def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's leaving cancels the pipeline (which settles or releases what it held); the
+    app then ends normally, as uvicorn expects. A cancellation from elsewhere (the server
+    stopping) still propagates."""
+    seen: list[str] = []
+
+    async def answering(**kwargs: Any) -> Any:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    monkeypatch.setattr(handler, "pipeline_run", answering)
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+
+    async def client_leaves() -> tuple[list[dict[str, Any]], int]:
+        client_left = asyncio.Event()
+        request = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        receive, send, sent = _asgi_channel(request, client_left)
+        asyncio.get_running_loop().call_later(0.05, client_left.set)
+        await application(scope, receive, send)
+        task = asyncio.current_task()
+        assert task is not None
+        return sent, task.cancelling()
+
+    async def server_stops() -> None:
+        request = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        receive, send, _ = _asgi_channel(request, asyncio.Event())
+        serving = asyncio.create_task(application(scope, receive, send))
+        await asyncio.sleep(0.05)
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+
+    assert asyncio.run(client_leaves()) == ([], 0)
+    assert seen == ["cancelled"]
+    asyncio.run(server_stops())
+    assert seen == ["cancelled", "cancelled"]
 
 
 @pytest.mark.parametrize("sentry", [False, True], ids=["sentry_off", "sentry_on"])
