@@ -71,10 +71,15 @@ async def sql_rows_async(statement: str, params: Mapping[str, Any]) -> Sequence[
     """Run one statement that returns rows as its own transaction, on the running event loop
     (PostgreSQL only). Errors are psycopg's: the caller's fallback is the sync path."""
     pool = await _async_pool()
-    async with pool.connection() as conn:
-        async with conn.cursor() as cursor:
-            await cursor.execute(statement, params, prepare=True)
-            return await cursor.fetchall()
+    # getconn/putconn rather than pool.connection(): its context manager adds a generator and
+    # the connection's own commit-or-rollback block, which an autocommit statement never needs.
+    # putconn still resets or discards a connection an error or a cancellation left unusable.
+    conn = await pool.getconn()
+    try:
+        cursor = await conn.execute(statement, params, prepare=True)
+        return await cursor.fetchall()
+    finally:
+        await pool.putconn(conn)
 
 
 async def _async_pool() -> AsyncConnectionPool:
