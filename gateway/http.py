@@ -8,11 +8,12 @@ only the body and a few headers.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from gateway.auth import key_secret
 from gateway.errors import GatewayError, error_body
@@ -50,7 +51,7 @@ class JsonAnswer:
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> bytes:
-        return json.dumps(self.payload, separators=(",", ":")).encode()
+        return orjson.dumps(self.payload)
 
 
 @dataclass(slots=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
+
+import orjson
 
 from billing.pricing import Usage
 from gateway.errors import GatewayError, invalid_param
@@ -47,7 +48,7 @@ class UpstreamTarget:
 
 def json_object(data: bytes) -> dict[str, Any]:
     """An upstream event's JSON object; ValueError (a protocol failure) for anything else."""
-    payload = json.loads(data)
+    payload = orjson.loads(data)
     if not isinstance(payload, dict):
         raise ValueError("an upstream event is not a JSON object")
     return payload

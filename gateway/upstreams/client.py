@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 _session: aiohttp.ClientSession | None = None
 _session_loop: asyncio.AbstractEventLoop | None = None
@@ -65,7 +66,7 @@ class UpstreamCall:
     ) -> UpstreamCall:
         try:
             response = await upstream_session().post(
-                url, data=json.dumps(body, separators=(",", ":")), headers=headers, timeout=timeout
+                url, data=orjson.dumps(body), headers=headers, timeout=timeout
             )
         except TimeoutError as exc:
             raise UpstreamFailure("timeout", "the upstream did not answer in time") from exc
@@ -86,7 +87,7 @@ class UpstreamCall:
 
     async def read_json(self) -> dict[str, Any]:
         try:
-            payload = await self.response.json(content_type=None)
+            payload = orjson.loads(await self.response.read())
         except TimeoutError as exc:
             raise UpstreamFailure("timeout", "the upstream stopped answering") from exc
         except (aiohttp.ClientError, ValueError) as exc:

@@ -25,9 +25,18 @@ def _chat(world, **overrides):  # type: ignore[no-untyped-def]
     return body
 
 
+def _chat_raw(world, member: bytes):  # type: ignore[no-untyped-def]
+    """A valid chat body as bytes, with one more raw member written in."""
+    return json.dumps(_chat(world)).encode().replace(b"{", b"{" + member + b", ", 1)
+
+
 CASES = [
     # id, body builder, status, code, param
     ("malformed_json", lambda w: b"{not json", 400, "invalid_json", None),
+    # JSON has no NaN or Infinity, and a prompt is UTF-8 text, so none of these is a request.
+    ("nan_in_json", lambda w: _chat_raw(w, b'"temperature": NaN'), 400, "invalid_json", None),
+    ("infinity", lambda w: _chat_raw(w, b'"temperature": -Infinity'), 400, "invalid_json", None),
+    ("invalid_utf8", lambda w: _chat_raw(w, b'"user": "\xff"'), 400, "invalid_json", None),
     ("body_not_object", lambda w: b"[1, 2]", 400, None, None),
     (
         "missing_model",
