@@ -273,10 +273,14 @@ class Gateway:
 
 
 def start_gateway(
-    database_url: str = BENCH_DATABASE_URL, workers: int = 1, **extra_env: str
+    database_url: str = BENCH_DATABASE_URL,
+    workers: int = 1,
+    source: Path = ROOT,
+    **extra_env: str,
 ) -> Gateway:
     """uvicorn with `workers` worker processes (uvloop, httptools, no access log) on a free
-    port. With one worker, uvicorn serves in the process it starts (the pid to profile)."""
+    port, serving the code in `source` (another checkout: bench/paired.py). With one worker,
+    uvicorn serves in the process it starts (the pid to profile)."""
     port = free_port()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     log_path = RESULTS_DIR / f"gateway-{port}.log"
@@ -305,7 +309,7 @@ def start_gateway(
                 "--timeout-keep-alive",
                 "30",
             ],
-            cwd=ROOT,
+            cwd=source,
             env=production_env(database_url, **extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,
