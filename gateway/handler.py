@@ -178,10 +178,12 @@ async def _answer_send(answer: JsonAnswer | StreamAnswer, send: Any, *, request_
 def _sentry_request(scope: dict[str, Any]) -> Any:
     """An event processor giving an error event its request's method and URL (no headers, no
     body: the scrubber would drop most of them anyway)."""
-    url = f"{scope.get('scheme', 'http')}://{dict(scope['headers']).get(b'host', b'').decode()}"
 
     def processor(event: Event, hint: Hint) -> Event:
-        event.setdefault("request", {"method": scope["method"], "url": url + scope["path"]})
+        # Read only when an event is sent: most requests never send one.
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        url = f"{scope.get('scheme', 'http')}://{host}{scope['path']}"
+        event.setdefault("request", {"method": scope["method"], "url": url})
         return event
 
     return processor
