@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import Group, User
+from django.db import connection
 
 from billing.models import SYSTEM_ACCOUNT_IDS, Account, LedgerTransaction
 from billing.services.holds import hold_place
@@ -53,6 +54,10 @@ def page() -> Iterator:  # type: ignore[type-arg]
             # live server while the test database is flushed.
             context.close()
             browser.close()
+            # While Playwright's loop runs in this thread, the test's ORM calls get their own
+            # connection (asgiref keeps connections per context): give it back to the pool
+            # here, or it stays checked out and open until the test database is dropped.
+            connection.close()
 
 
 def test_finance_user_writes_off_a_failure_and_sees_balanced_entries(
