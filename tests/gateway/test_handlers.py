@@ -120,17 +120,15 @@ def test_read_endpoints_keep_djangos_request_signals(
     assert signals_seen == [("started", GatewayASGIHandler), ("finished", GatewayASGIHandler)]
 
 
-@pytest.mark.parametrize(
-    ("path", "error_type"),
-    [("/v1/chat/completions", "invalid_request_error"), ("/v1/messages", "invalid_request_error")],
-)
-def test_a_completion_endpoint_refuses_other_methods(path: str, error_type: str) -> None:
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_a_completion_endpoint_refuses_other_methods(path: str) -> None:
     status, headers, body, _ = asyncio.run(_call("GET", path))
 
     assert status == 405
     assert headers["allow"] == "POST"
     assert headers["x-request-id"].startswith("req_")
-    assert body["error"]["type"] == error_type
+    # A client error in either provider's shape (Anthropic's said api_error, a server fault).
+    assert body["error"]["type"] == "invalid_request_error"
 
 
 def test_a_body_over_the_limit_is_refused_declared_or_sent(settings: Any) -> None:
