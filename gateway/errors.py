@@ -100,11 +100,10 @@ def too_large() -> GatewayError:
     )
 
 
-def error_response(error: GatewayError, style: str, request_id: str | None = None) -> JsonResponse:
-    response = JsonResponse(error_body(error, style), status=error.status)
-    if request_id:
-        response["x-request-id"] = request_id
-    return response
+def error_response(error: GatewayError, style: str) -> JsonResponse:
+    """For the Django side of /v1/ (the middleware adds the request id); the completion app
+    answers with gateway/http.py's error_answer."""
+    return JsonResponse(error_body(error, style), status=error.status)
 
 
 def error_from_billing(exc: BillingError) -> GatewayError:
