@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import sentry_sdk
-from django.db import connection
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.transport import Transport
 
@@ -23,12 +22,6 @@ __all__ = ["celery_worker", "row_locker", "running_worker", "worker_queue"]
 @pytest.fixture
 def now() -> datetime:
     return datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def postgres_only() -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL")
 
 
 @pytest.fixture

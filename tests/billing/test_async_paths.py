@@ -63,9 +63,7 @@ USAGE = Usage(input_tokens=11, cached_input_tokens=3, output_tokens=7, reasoning
 
 
 @pytest.mark.parametrize("cost", ["0.75", "0", "2.5"])
-def test_async_hold_and_settle_write_what_the_sync_services_write(
-    postgres_only: None, now: datetime, cost: str
-) -> None:
+def test_async_hold_and_settle_write_what_the_sync_services_write(now: datetime, cost: str) -> None:
     results = {}
     for way in ("sync", "async"):
         account = make_account(credits=D("10"), now=now)
@@ -108,7 +106,7 @@ def test_async_hold_and_settle_write_what_the_sync_services_write(
 
 
 def test_async_paths_write_nothing_and_leave_the_decision_to_the_sync_services(
-    postgres_only: None, now: datetime
+    now: datetime,
 ) -> None:
     account = make_account(credits=D("1"), now=now)
     key = make_key(account=account, now=now).api_key
@@ -148,7 +146,7 @@ def test_async_paths_write_nothing_and_leave_the_decision_to_the_sync_services(
 
 
 def test_an_async_connection_lost_mid_request_writes_nothing_and_the_sync_path_places_it(
-    postgres_only: None, now: datetime
+    now: datetime,
 ) -> None:
     """A database restart (here: the async connection terminated) fails the statement; the
     caller gets None and the sync path, on its own connection, does the step."""

@@ -449,7 +449,6 @@ SUBPROCESS_BAD_ARGUMENTS = [
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("postgres_only")
 @pytest.mark.parametrize("args", SUBPROCESS_BAD_ARGUMENTS)
 def test_bad_arguments_in_a_real_process_fail_in_one_line(args: list[str]) -> None:
     account = make_account(credits=D("1"))
@@ -463,7 +462,6 @@ def test_bad_arguments_in_a_real_process_fail_in_one_line(args: list[str]) -> No
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("postgres_only")
 def test_operator_workflow_in_real_processes() -> None:
     # set_tariff and revoke_api_key share the same base; call_command covers them above.
     created = manage_json("create_account", "Process Co", "--credits", "3")
@@ -497,7 +495,6 @@ def test_operator_workflow_in_real_processes() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("postgres_only")
 def test_audit_ledger_exits_non_zero_on_a_mismatch_and_still_prints_the_report() -> None:
     account = make_account(credits=D("2"))
     # A balanced posting written around the services leaves the cached balance behind.

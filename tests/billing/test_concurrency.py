@@ -21,7 +21,7 @@ from billing.services.holds import hold_place, hold_settle
 from billing.services.ledger import request_idempotency_key
 from tests.factories import make_account, make_key
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only")]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 D = Decimal
 

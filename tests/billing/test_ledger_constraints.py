@@ -13,7 +13,7 @@ from billing.models import SYSTEM_ACCOUNT_IDS, Account, LedgerLeg, LedgerTransac
 from billing.selectors import ledger_audit
 from tests.factories import make_account
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only")]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 PROMOTIONS = SYSTEM_ACCOUNT_IDS[Account.Kind.PROMOTIONS]
 UNITS = 10**10  # money columns are bigint units of 1e-10 USD

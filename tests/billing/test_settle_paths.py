@@ -136,7 +136,7 @@ def _rows(account: Account, request_id: str) -> dict[str, Any]:
 )
 @pytest.mark.parametrize("account_hint", ["none", "right", "wrong"])
 def test_one_statement_settle_matches_the_general_path(
-    postgres_only: None, now: datetime, cost: str, settle_after: int, account_hint: str
+    now: datetime, cost: str, settle_after: int, account_hint: str
 ) -> None:
     # A wrong account hint makes the one statement match nothing: the general path settles.
     fast_account, _, fast, fast_orm_queries = _settle_on(
@@ -169,9 +169,7 @@ def test_one_statement_settle_matches_the_general_path(
     assert ledger_audit().clean
 
 
-def test_one_statement_settle_replays_and_conflicts_like_the_general_path(
-    postgres_only: None, now: datetime
-) -> None:
+def test_one_statement_settle_replays_and_conflicts_like_the_general_path(now: datetime) -> None:
     account, _, first, _ = _settle_on(
         budgeted=False, request_id="r1", cost="0.75", settle_after=5, now=now
     )
@@ -183,7 +181,7 @@ def test_one_statement_settle_replays_and_conflicts_like_the_general_path(
 
 
 def test_one_statement_settle_writes_null_timings_and_skips_the_record_without_details(
-    postgres_only: None, account: Account, issued_key: Any, now: datetime
+    account: Account, issued_key: Any, now: datetime
 ) -> None:
     key = issued_key.api_key
     for request_id in ("no-first-byte", "no-details"):
@@ -211,9 +209,7 @@ def test_one_statement_settle_writes_null_timings_and_skips_the_record_without_d
 
 
 @pytest.mark.django_db(transaction=True)
-def test_one_statement_steps_in_autocommit_write_all_or_nothing(
-    postgres_only: None, now: datetime
-) -> None:
+def test_one_statement_steps_in_autocommit_write_all_or_nothing(now: datetime) -> None:
     """Outside any transaction (as in the gateway) each one-statement step is its own
     transaction: a refused hold leaves nothing, a replay returns the original."""
     account = make_account(credits=D("1"), now=now)
@@ -239,7 +235,7 @@ def test_one_statement_steps_in_autocommit_write_all_or_nothing(
 
 
 def test_hot_statements_are_prepared_once_per_connection(
-    postgres_only: None, account: Account, issued_key: Any, now: datetime
+    account: Account, issued_key: Any, now: datetime
 ) -> None:
     """Django disables prepared statements unless OPTIONS asks for them: without
     prepare_threshold set, prepare=True was silently ignored and PostgreSQL parsed and planned
@@ -258,9 +254,7 @@ def test_hot_statements_are_prepared_once_per_connection(
     assert len([s for s in prepared if "INSERT INTO billing_ledgertransaction" in s]) == 1
 
 
-def test_the_holds_the_one_statements_return_are_the_rows_they_wrote(
-    postgres_only: None, now: datetime
-) -> None:
+def test_the_holds_the_one_statements_return_are_the_rows_they_wrote(now: datetime) -> None:
     account = make_account(credits=D("10"), now=now)
     key = make_key(account=account, now=now).api_key
     columns = [field.attname for field in Hold._meta.concrete_fields]

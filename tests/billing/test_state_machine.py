@@ -290,7 +290,6 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("postgres_only")
 def test_ledger_state_machine() -> None:
     run_state_machine_as_test(
         LedgerMachine,

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def db_thread(postgres_only: None) -> Iterator[ThreadPoolExecutor]:
+def db_thread() -> Iterator[ThreadPoolExecutor]:
     thread = ThreadPoolExecutor(1)
     yield thread
     # Its kept connection back to the pool, or the test database could not be dropped.

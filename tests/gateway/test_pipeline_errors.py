@@ -27,7 +27,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def settle_thread(postgres_only: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def settle_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The pipeline's settle threads, as one thread whose kept connection the test closes."""
     thread = ThreadPoolExecutor(1)
     monkeypatch.setattr(pipeline, "_settle_threads", thread)

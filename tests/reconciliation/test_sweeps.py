@@ -262,9 +262,7 @@ def test_every_scheduled_task_is_registered_with_celery():
 
 
 @pytest.mark.django_db
-def test_the_sweep_writes_few_index_entries_per_item_and_lookups_still_use_an_index(
-    postgres_only: None,
-) -> None:
+def test_the_sweep_writes_few_index_entries_per_item_and_lookups_still_use_an_index() -> None:
     # One item per expired hold: each index on the table is an entry written per hold.
     with connection.cursor() as cursor:
         cursor.execute(
