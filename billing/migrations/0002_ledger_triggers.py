@@ -1,9 +1,7 @@
 """Ledger invariants enforced by the database itself, not only by Python.
 
-PostgreSQL: a deferred constraint trigger rejects, at commit, any transaction whose legs do not
-sum to zero; legs and transactions refuse UPDATE and DELETE.
-SQLite (the embedded default): the same refusals of UPDATE and DELETE; the sum check runs in
-Python (billing.services.ledger.posting_validate).
+A deferred constraint trigger rejects, at commit, any transaction whose legs do not sum to
+zero; legs and transactions refuse UPDATE and DELETE.
 """
 
 from django.db import migrations
@@ -53,33 +51,12 @@ DROP TRIGGER IF EXISTS billing_ledgerleg_balanced ON billing_ledgerleg;
 DROP FUNCTION IF EXISTS billing_check_transaction_balanced();
 """
 
-SQLITE_FORWARD = [
-    f"""CREATE TRIGGER billing_{table}_no_{op.lower()} BEFORE {op} ON billing_{table}
-        BEGIN SELECT RAISE(ABORT, 'billing_{table} is append-only: {op} refused'); END;"""
-    for table in ("ledgerleg", "ledgertransaction")
-    for op in ("UPDATE", "DELETE")
-]
-SQLITE_REVERSE = [
-    f"DROP TRIGGER IF EXISTS billing_{table}_no_{op.lower()};"
-    for table in ("ledgerleg", "ledgertransaction")
-    for op in ("UPDATE", "DELETE")
-]
-
-
 def forward(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_FORWARD, params=None)
-    elif schema_editor.connection.vendor == "sqlite":
-        for statement in SQLITE_FORWARD:
-            schema_editor.execute(statement)
+    schema_editor.execute(PG_FORWARD, params=None)
 
 
 def reverse(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_REVERSE, params=None)
-    elif schema_editor.connection.vendor == "sqlite":
-        for statement in SQLITE_REVERSE:
-            schema_editor.execute(statement)
+    schema_editor.execute(PG_REVERSE, params=None)
 
 
 class Migration(migrations.Migration):

@@ -4,7 +4,7 @@
 #
 # Only the indexes change in the database. Django's own AlterField would also drop and re-add
 # both foreign keys, re-checking every item under a lock that stops the sweep and the
-# settlement hand-offs writing items meanwhile. The statements run on PostgreSQL and SQLite.
+# settlement hand-offs writing items meanwhile.
 
 import django.db.models.deletion
 from django.conf import settings
