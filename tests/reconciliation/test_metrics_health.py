@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 import sentry_sdk
+from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.services.holds import hold_place
@@ -142,8 +143,16 @@ def test_healthz_answers_without_checking_dependencies(client):
 def test_readyz_is_ready_when_database_and_broker_answer(client):
     response = client.get("/readyz")
 
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version_num")  # e.g. 180001 for PostgreSQL 18.1
+        version = int(cursor.fetchone()[0])
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "broker": "ok"},
+        "database": "postgresql",
+        "database_version": f"{version // 10000}.{version % 10000}",
+    }
 
 
 READYZ = """
