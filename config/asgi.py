@@ -2,7 +2,8 @@
 
 The completion endpoints have their own lean ASGI app; the rest of /v1/ and the site are Django
 handlers over the same URLconf: the gateway's with only the gateway's own async middleware, the
-site's with the full MIDDLEWARE list (gateway/handler.py says why).
+site's with the full MIDDLEWARE list (gateway/handler.py says why). Everything under /v1/ is
+behind one body limit, gateway/limits.py's BodyLimit, whichever app serves the path.
 """
 
 import gc
@@ -19,17 +20,26 @@ site_application = ASGIStaticFilesHandler(get_asgi_application())
 
 # These need the apps loaded above.
 from gateway.handler import COMPLETION_ADAPTERS, CompletionApp, GatewayASGIHandler  # noqa: E402
+from gateway.limits import BodyLimit  # noqa: E402
 
 completion_application = CompletionApp()
 gateway_application = GatewayASGIHandler()
 
 
-async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    path = scope.get("path", "")
-    if scope["type"] == "http" and path in COMPLETION_ADAPTERS:
+async def _gateway_route(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["path"] in COMPLETION_ADAPTERS:
         await completion_application(scope, receive, send)
-    elif scope["type"] == "http" and path.startswith("/v1/"):
+    else:
         await gateway_application(scope, receive, send)
+
+
+# No body over GATEWAY_MAX_BODY_BYTES reaches anything under /v1/, whichever app serves it.
+gateway_routes = BodyLimit(_gateway_route, routes=COMPLETION_ADAPTERS)
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+        await gateway_routes(scope, receive, send)
     else:
         await site_application(scope, receive, send)
 

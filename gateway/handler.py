@@ -16,6 +16,9 @@
   thread-sensitive work, created and joined per request; this handler lends each request a
   reusable one from a free list instead (asgiref allows an executor to be reused by later
   blocks, never shared by two at once).
+
+Neither enforces the body limit: gateway/limits.py's BodyLimit stands in front of both
+(config/asgi.py), so neither is handed more than GATEWAY_MAX_BODY_BYTES of a body.
 """
 
 from __future__ import annotations
@@ -28,14 +31,13 @@ from typing import Any
 
 import sentry_sdk
 from asgiref.sync import ThreadSensitiveContext
-from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 from sentry_sdk.integrations.django import DjangoIntegration
 from sentry_sdk.types import Event, Hint
 
 from billing import metrics
-from gateway.errors import STATUS_ERRORS, GatewayError, gateway_error, too_large
+from gateway.errors import STATUS_ERRORS, gateway_error
 from gateway.http import (
     CompletionRequest,
     JsonAnswer,
@@ -102,32 +104,17 @@ async def _cancel_when_gone(receive: Any, answering: asyncio.Task[Any]) -> None:
     answering.cancel()
 
 
-async def _body_read(receive: Any, *, declared: int) -> bytes | None:
-    """The whole request body (None: the client left first), or a 413 GatewayError beyond
-    GATEWAY_MAX_BODY_BYTES, declared or sent (a chunked body declares nothing)."""
-    limit = settings.GATEWAY_MAX_BODY_BYTES
-    if declared > limit:
-        raise too_large()
+async def _body_read(receive: Any) -> bytes | None:
+    """The whole request body, or None: the client left first. (BodyLimit, in front, hands on
+    no more than GATEWAY_MAX_BODY_BYTES, and tells this app the client left if it sends more.)"""
     chunks: list[bytes] = []
-    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large()
-        chunks.append(chunk)
+        chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _declared_length(headers: dict[str, str]) -> int:
-    try:
-        return int(headers.get("content-length") or 0)
-    except ValueError:
-        return 0
 
 
 async def _answer(request: CompletionRequest, adapter: type[Adapter]) -> JsonAnswer | StreamAnswer:
@@ -223,12 +210,7 @@ class CompletionApp:
         headers = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
-        try:
-            body = await _body_read(receive, declared=_declared_length(headers))
-        except GatewayError as too_big:
-            refusal = error_answer(too_big, adapter.style)
-            await _reply(refusal, send, path=path, request_id=request_id, started=started)
-            return
+        body = await _body_read(receive)
         if body is None:
             return  # the client left before it finished asking
         request = CompletionRequest(request_id=request_id, body=body, headers=headers)

@@ -1,7 +1,8 @@
 """Gateway framing for /v1/'s read endpoints (and its unknown paths): a request id on every
-response, body size limit, provider-shaped JSON for every error (including 404, 413 and 500
-raised outside the views), request metrics. The completion endpoints' ASGI app frames its
-responses the same way (gateway/handler.py).
+response, provider-shaped JSON for every error (including 404 and 500 raised outside the
+views), request metrics. The completion endpoints' ASGI app frames its responses the same way
+(gateway/handler.py). The body limit is enforced before Django reads a byte of the body, by
+gateway/limits.py's BodyLimit in front of all of /v1/ (config/asgi.py).
 
 Async only: it is the one middleware of the gateway's Django handler (gateway/handler.py)."""
 
@@ -11,12 +12,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from billing import metrics
-from gateway.errors import STATUS_ERRORS, GatewayError, error_response, style_for_path, too_large
+from gateway.errors import STATUS_ERRORS, GatewayError, error_response, style_for_path
 from gateway.http import request_id_new
 
 logger = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ class GatewayMiddleware:
         request_id = request_id_new()
         request.request_id = request_id  # type: ignore[attr-defined]
         style = style_for_path(request.path)
-        response = self._checked_body(request, style) or await self.get_response(request)
+        response = await self.get_response(request)
         if response.status_code >= 400 and "json" not in response.get("Content-Type", ""):
             error = STATUS_ERRORS.get(response.status_code) or GatewayError(
                 response.status_code, "Request failed.", "invalid_request_error"
@@ -52,21 +51,6 @@ class GatewayMiddleware:
         # Until the response object is ready; a stream's whole duration is its own metric.
         metrics.REQUEST_LATENCY.labels(route).observe(time.monotonic() - started)
         return response
-
-    def _checked_body(self, request: HttpRequest, style: str) -> HttpResponseBase | None:
-        if request.method not in ("POST", "PUT", "PATCH"):
-            return None
-        try:
-            declared = int(request.META.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            declared = 0
-        if declared > settings.GATEWAY_MAX_BODY_BYTES:
-            return error_response(too_large(), style)
-        try:
-            request.body  # noqa: B018 - enforces DATA_UPLOAD_MAX_MEMORY_SIZE for chunked bodies
-        except RequestDataTooBig:
-            return error_response(too_large(), style)
-        return None
 
     def process_exception(
         self, request: HttpRequest, exception: Exception
