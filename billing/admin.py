@@ -270,7 +270,7 @@ class AccountAdmin(ReadOnlyAdmin):
                 amount = form.cleaned_data["amount"]
                 if "confirm" in request.POST:
                     try:
-                        txn, replayed = credit_post_by_staff(
+                        posted = credit_post_by_staff(
                             kind=kind,
                             account_id=account.pk,
                             amount=amount,
@@ -282,17 +282,18 @@ class AccountAdmin(ReadOnlyAdmin):
                     except BillingError as exc:
                         form.add_error(None, str(exc))
                     else:
-                        if replayed:
+                        if posted.replayed:
                             self.message_user(
                                 request,
-                                f"Already posted as transaction #{txn.pk}; nothing new posted.",
+                                f"Already posted as transaction #{posted.transaction_id}; "
+                                "nothing new posted.",
                                 messages.WARNING,
                             )
                         else:
                             self.message_user(
                                 request,
                                 f"Posted {kind} of {money_str(amount)} USD "
-                                f"as transaction #{txn.pk}.",
+                                f"as transaction #{posted.transaction_id}.",
                                 messages.SUCCESS,
                             )
                         return redirect("admin:billing_account_statement", account_id=account.pk)

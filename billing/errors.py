@@ -44,7 +44,12 @@ class BudgetExceeded(BillingError):
 
 
 class IdempotencyConflict(BillingError):
-    """The same idempotency key was used with different content."""
+    """The same idempotency key was used with different content. For a settle, `charged` is
+    what the request's posting took from the customer."""
+
+    def __init__(self, message: str, *, charged: Decimal | None = None) -> None:
+        super().__init__(message)
+        self.charged = charged
 
 
 class HoldNotFound(BillingError):
@@ -54,14 +59,20 @@ class HoldNotFound(BillingError):
 class HoldAlreadyResolved(BillingError):
     """The hold (or its request's one posting) was already resolved another way."""
 
-    def __init__(self, *, request_id: str, state: str) -> None:
+    def __init__(self, *, request_id: str, state: str, charged: Decimal | None = None) -> None:
         super().__init__(f"hold {request_id} is already {state}")
         self.request_id = request_id
         self.state = state
+        # What the request's posting took from the customer (for a refused settle).
+        self.charged = charged
 
 
 class UnbalancedTransaction(BillingError):
     pass
+
+
+class TransactionAlreadyReversed(BillingError):
+    """A transaction is reversed at most once (the database keeps one reversal per posting)."""
 
 
 class InvalidAmount(BillingError):

@@ -12,7 +12,7 @@ from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce
 
 from billing.errors import AccountNotFound
-from billing.models import Account, Hold, LedgerLeg, Tariff
+from billing.models import Account, Hold, LedgerLeg, LedgerTransaction, Tariff
 from billing.money import ZERO, MoneyField, money_str, money_value
 from billing.pricing import tariff_choose
 
@@ -97,6 +97,18 @@ def tariff_select(
         valid_from__lte=at,
     )
     return tariff_choose(candidates, purpose=purpose, completion_window=completion_window, at=at)
+
+
+def request_posting_get(*, request_id: str) -> LedgerTransaction | None:
+    """The request's one posting, if it has one: its usage, or finance's write-off of it."""
+    return (
+        LedgerTransaction.objects.filter(
+            request_id=request_id,
+            kind__in=[LedgerTransaction.Kind.USAGE, LedgerTransaction.Kind.WRITE_OFF],
+        )
+        .order_by("pk")
+        .first()
+    )
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,17 @@
 authenticate -> validate -> resolve model and price -> estimate the worst case -> hold
 -> call upstream -> relay -> settle.
 
-Async: a request lives on the event loop. The common hold and settle are one statement each
-on an async connection (billing's hold_place_async, hold_settle_async). Everything else the
-database decides (a key or route the caches miss, a refusal and its reason, a replay, a key
-with a budget, any database error) is one call into a small thread pool whose threads keep
-pooled connections: the hold threads, and the settle threads for settles and releases. The
-two pools split the database pool, so a burst of new requests can never take the connections
-that money already due needs. Settlement is awaited (shielded from the client's cancellation)
-and a stream's last bytes go out only after it has committed. A settle that cannot be written
-is handed to the retry task; the hold stays until it is settled or expires into reconciliation.
+Async: a request lives on the event loop. Each money step (hold, settle, release) is one call
+of the money engine on an async connection (billing's hold_place_async, hold_settle_async,
+hold_release_async), which decides every case, refusals, replays and budgets included. What
+the loop cannot do (a key or route the caches miss, a prompt too long to count on the loop, a
+database error on the async connection) is one call into a small thread pool whose threads
+keep pooled connections and run the same engine call: the hold threads, and the settle threads
+for settles and releases. The two pools split the database pool, so a burst of new requests
+can never take the connections that money already due needs. Settlement is awaited (shielded
+from the client's cancellation) and a stream's last bytes go out only after it has committed.
+A settle that cannot be written is handed to the retry task; the hold stays until it is
+settled or expires into reconciliation.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+import psycopg
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.utils import timezone
@@ -47,6 +50,7 @@ from billing.services.holds import (
     hold_place,
     hold_place_async,
     hold_release,
+    hold_release_async,
     hold_settle,
     hold_settle_async,
 )
@@ -63,6 +67,7 @@ from gateway.selectors import (
 from gateway.tokens import messages_tokens, text_tokens, with_margin
 from gateway.upstreams.base import Adapter, ParsedRequest, StreamState
 from gateway.upstreams.client import UpstreamCall, UpstreamFailure
+from reconciliation.services.failures import settlement_handoff
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +271,23 @@ async def _to_completion(work: Awaitable[T]) -> T:
 
 
 async def _give_back(billed: BilledRequest, *, outcome: str) -> None:
-    """Release the whole hold (in a settle thread), even if our caller is cancelled."""
-    await _to_completion(_in_threads(_settle_threads, _release, billed=billed, outcome=outcome))
+    """Release the whole hold, even if our caller is cancelled."""
+    await _to_completion(_release_stage(billed=billed, outcome=outcome))
+
+
+async def _release_stage(*, billed: BilledRequest, outcome: str) -> None:
+    """The release on the loop; after a database error there, once more in a settle thread."""
+    try:
+        await hold_release_async(
+            request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)
+        )
+    except psycopg.Error as exc:
+        logger.info("async release of %s fell back: %s", billed.request_id, type(exc).__name__)
+        await _in_threads(_settle_threads, _release, billed=billed, outcome=outcome)
+    except BillingError as exc:
+        logger.error("release of %s refused: %s", billed.request_id, exc)
+    else:
+        metrics.HOLDS.labels("released").inc()
 
 
 def _upstream_call(
@@ -388,21 +408,27 @@ def _hold_place_priced(*, ask: HoldAsk) -> BilledRequest:
 
 
 async def _hold_stage(ask: HoldAsk, *, on_loop: bool) -> BilledRequest:
-    """Price, estimate and hold. The common hold (a prompt small enough to count on the loop,
-    route and tariffs cached, a key without a budget, the hold placed) stays on the event loop;
-    anything else, and a hold the loop's statement did not place, goes to a hold thread, which
-    decides and says why."""
+    """Price, estimate and hold. With the route and tariffs cached and a prompt small enough
+    to count on the loop, the hold is placed from the loop and decided there, refusals
+    included; anything else, and a database error on the loop's connection, goes to a hold
+    thread, which runs the same engine call."""
     context = model_context_cached(alias=ask.parsed.model) if on_loop else None
     if context is not None:
         billed = _billed_for(ask, context=context)
-        placed = await hold_place_async(
-            api_key=ask.api_key,
-            request_id=ask.request_id,
-            amount=billed.hold_amount,
-            now=ask.now,
-            model_alias=ask.parsed.model,
-        )
-        if placed is not None:
+        try:
+            await hold_place_async(
+                api_key=ask.api_key,
+                request_id=ask.request_id,
+                amount=billed.hold_amount,
+                now=ask.now,
+                model_alias=ask.parsed.model,
+            )
+        except BillingError as exc:
+            metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
+            raise error_from_billing(exc) from exc
+        except psycopg.Error as exc:
+            logger.info("async hold of %s fell back: %s", ask.request_id, type(exc).__name__)
+        else:
             metrics.HOLDS.labels("placed").inc()
             return billed
     return await _in_threads(_hold_threads, _hold_for, ask=ask)
@@ -571,7 +597,8 @@ def _estimated_usage(
 
 def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
     """Post the exact cost (sync, in a settle thread). Never raises for a DB failure: the
-    settle is handed to the retry task instead, and the hold stays until it lands."""
+    settle is handed to the retry task instead, and the hold stays until it lands. Returns
+    what the customer was charged."""
     cost = billed.price.cost(usage)
     details = billed.details(outcome)
     started = time.monotonic()
@@ -584,7 +611,6 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
                 now=timezone.now(),
                 usage=usage,
                 details=details,
-                account_id=billed.account_id,
             )
         except DatabaseError as exc:
             logger.warning(
@@ -593,46 +619,58 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
                 type(exc).__name__,
             )
             metrics.SETTLEMENTS.labels("handed_off").inc()
-            _handoff(
-                billed,
-                usage=usage,
+            settlement_handoff(
+                request_id=billed.request_id,
                 cost=cost,
+                usage=usage,
                 details=details,
                 error=f"{type(exc).__name__}: {exc}",
             )
             return cost
         except (HoldAlreadyResolved, IdempotencyConflict) as exc:
-            logger.error("settle of %s refused: %s", billed.request_id, exc)
-            metrics.SETTLEMENTS.labels("refused").inc()
-            return cost
-    _settled_count(billed, result=result, cost=cost, usage=usage, started=started)
-    return cost
+            return _settle_refused(billed, exc, cost=cost)
+    _settled_count(billed, result=result, usage=usage, started=started)
+    return result.cost
+
+
+def _settle_refused(
+    billed: BilledRequest, exc: HoldAlreadyResolved | IdempotencyConflict, *, cost: Decimal
+) -> Decimal:
+    """The request was posted another way first (finance charged or wrote it off, or it was
+    settled at another cost): nothing new is charged, and the client is told what was."""
+    logger.error("settle of %s at %s refused: %s", billed.request_id, cost, exc)
+    metrics.SETTLEMENTS.labels("refused").inc()
+    return exc.charged if exc.charged is not None else cost
 
 
 async def _settle_stage(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
-    """Post the exact cost. The common settle stays on the event loop; anything else, and
-    any failure there, goes to a settle thread (_settle), which decides or hands it off."""
+    """Post the exact cost from the loop; after a database error there, in a settle thread
+    (_settle), which tries again or hands it off. Returns what the customer was charged."""
     cost = billed.price.cost(usage)
     started = time.monotonic()
-    result = await hold_settle_async(
-        request_id=billed.request_id,
-        account_id=billed.account_id,
-        cost=cost,
-        now=timezone.now(),
-        usage=usage,
-        details=billed.details(outcome),
-    )
-    if result is None:
+    try:
+        result = await hold_settle_async(
+            request_id=billed.request_id,
+            cost=cost,
+            now=timezone.now(),
+            usage=usage,
+            details=billed.details(outcome),
+        )
+    except psycopg.Error as exc:
+        logger.info("async settle of %s fell back: %s", billed.request_id, type(exc).__name__)
         return await _in_threads(
             _settle_threads, _settle, billed=billed, usage=usage, outcome=outcome
         )
-    _settled_count(billed, result=result, cost=cost, usage=usage, started=started)
-    return cost
+    except (HoldAlreadyResolved, IdempotencyConflict) as exc:
+        return _settle_refused(billed, exc, cost=cost)
+    _settled_count(billed, result=result, usage=usage, started=started)
+    return result.cost
 
 
 def _settled_count(
-    billed: BilledRequest, *, result: SettleResult, cost: Decimal, usage: Usage, started: float
+    billed: BilledRequest, *, result: SettleResult, usage: Usage, started: float
 ) -> None:
+    cost = result.cost
     metrics.SETTLE_LATENCY.observe(time.monotonic() - started)
     metrics.SETTLEMENTS.labels("replayed" if result.replayed else "settled").inc()
     if result.is_overrun:
@@ -664,19 +702,6 @@ def _count_tokens(model: str, usage: Usage) -> None:
             metrics.TOKENS.labels(model, kind).inc(count)
 
 
-def _handoff(
-    billed: BilledRequest, *, usage: Usage, cost: Decimal, details: RequestDetails, error: str
-) -> None:
-    try:
-        from reconciliation.services.failures import settlement_handoff
-    except ImportError:  # pragma: no cover - reconciliation not installed
-        logger.error("no retry path: request %s stays held until it expires", billed.request_id)
-        return
-    settlement_handoff(
-        request_id=billed.request_id, cost=cost, usage=usage, details=details, error=error
-    )
-
-
 def _release(*, billed: BilledRequest, outcome: str) -> None:
     with _db_step():
         try:
@@ -687,6 +712,8 @@ def _release(*, billed: BilledRequest, outcome: str) -> None:
                 details=billed.details(outcome),
             )
             metrics.HOLDS.labels("released").inc()
+        except BillingError as exc:
+            logger.error("release of %s refused: %s", billed.request_id, exc)
         except DatabaseError:
             # The hold stays and the sweeper reclaims it at expiry; the client still gets the
             # upstream's error.

@@ -175,15 +175,15 @@ class ReconciliationItemAdmin(ReadOnlyAdmin):
                 except BillingError as exc:
                     self.message_user(request, f"Item #{item.pk}: {exc}", messages.ERROR)
                     continue
-                txn = result.transaction
+                txn = result.transaction_id
                 if action == "retry":
                     note = "settle queued"
                 elif txn is None:
                     note = "no money moved"
                 elif result.posted:
-                    note = f"posted {txn.kind} transaction #{txn.pk}"
+                    note = f"posted transaction #{txn}"
                 else:
-                    note = f"already posted as {txn.kind} #{txn.pk}; nothing new charged"
+                    note = f"already posted as transaction #{txn}; nothing new charged"
                 self.message_user(request, f"Item #{item.pk}: {note}.", messages.SUCCESS)
             return redirect("admin:reconciliation_reconciliationitem_changelist")
 

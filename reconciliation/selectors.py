@@ -86,7 +86,7 @@ class ItemPreview:
 def item_action_preview(*, items: list[ReconciliationItem], action: str) -> list[ItemPreview]:
     """Each item's effect under `action`; balances accumulate across items of one account."""
     # Imported here: finance services import this app's models, selectors stay import-light.
-    from billing.services.ledger import request_idempotency_key
+    from billing.selectors import request_posting_get
     from reconciliation.services.finance import (
         ItemNotActionable,
         item_charge_amount,
@@ -99,13 +99,7 @@ def item_action_preview(*, items: list[ReconciliationItem], action: str) -> list
         if item.status != ReconciliationItem.Status.PENDING:
             previews.append(ItemPreview(item=item, effect="", problem=f"already {item.status}"))
             continue
-        posted = (
-            LedgerTransaction.objects.filter(
-                idempotency_key=request_idempotency_key(item.request_id)
-            ).first()
-            if item.request_id
-            else None
-        )
+        posted = request_posting_get(request_id=item.request_id) if item.request_id else None
         try:
             if action == "charge":
                 amount = item_charge_amount(item)

@@ -50,3 +50,15 @@ class TariffFactory(factory.django.DjangoModelFactory):
     valid_until = None
     input_per_mtok = Decimal("2.50")
     output_per_mtok = Decimal("10.00")
+
+
+def expire_holds(*, now: datetime, batch_size: int = 10_000) -> int:
+    """The production sweep (expire and queue), counting the holds it expired."""
+    from reconciliation.services.sweeps import holds_expire_and_queue
+
+    return holds_expire_and_queue(now=now, batch_size=batch_size)["expired"]
+
+
+def request_key(request_id: str) -> str:
+    """The idempotency key the engine gives a request's one posting (billing_engine.request_key)."""
+    return f"request:{request_id}"

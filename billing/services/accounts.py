@@ -5,13 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
 from billing.errors import AccountNotFound, InvalidAmount
 from billing.models import Account, LedgerTransaction
 from billing.money import ZERO
-from billing.services.ledger import Leg, Posting, ledger_post, ledger_post_once, system_account_id
+from billing.services.ledger import Leg, Posted, Posting, ledger_post, system_account_id
 
 # Where each kind of customer credit comes from. Purchases are paid money, grants are
 # promotional, refunds return usage revenue; adjustments are signed corrections of usage.
@@ -29,7 +28,7 @@ def account_create(
     now: datetime,
     credits: Decimal = ZERO,
     overdraft: Decimal = ZERO,
-    posted_by: AbstractBaseUser | None = None,
+    posted_by_id: int | None = None,
 ) -> Account:
     if not name.strip():
         raise InvalidAmount("an account needs a name")
@@ -48,7 +47,7 @@ def account_create(
                     now=now,
                 ),
                 now=now,
-                posted_by=posted_by,
+                posted_by_id=posted_by_id,
             )
     account.refresh_from_db()
     return account
@@ -88,14 +87,12 @@ def credit_post(
     memo: str,
     idempotency_key: str,
     now: datetime,
-    posted_by: AbstractBaseUser | None = None,
+    posted_by_id: int | None = None,
     request_id: str = "",
-) -> tuple[LedgerTransaction, bool]:
-    """Post a purchase, grant, refund or adjustment once. Returns (transaction, replayed)."""
+) -> Posted:
+    """Post a purchase, grant, refund or adjustment once, in one engine call."""
     if not memo.strip():
         raise InvalidAmount("a memo is required")
-    if not Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).exists():
-        raise AccountNotFound(f"no customer account {account_id}")
     posting = credit_posting(
         kind=kind,
         account_id=account_id,
@@ -105,7 +102,10 @@ def credit_post(
         now=now,
         request_id=request_id,
     )
-    return ledger_post_once(posting=posting, now=now, posted_by=posted_by)
+    try:
+        return ledger_post(posting=posting, now=now, posted_by_id=posted_by_id)
+    except AccountNotFound:
+        raise AccountNotFound(f"no customer account {account_id}") from None
 
 
 @transaction.atomic(durable=True)

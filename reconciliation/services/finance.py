@@ -19,11 +19,11 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
 from billing.errors import AccountNotFound, BillingError, InvalidAmount
-from billing.models import Account, Hold, LedgerTransaction
+from billing.models import Hold
 from billing.money import money_str
 from billing.services.accounts import credit_posting
-from billing.services.ledger import ledger_post, once_by_key, request_idempotency_key
-from billing.services.requests import request_charge_post, request_write_off_post
+from billing.services.holds import request_charge_post, request_write_off_post
+from billing.services.ledger import Posted, ledger_post
 from reconciliation.models import ReconciliationItem, StaffAction
 
 FINANCE_GROUP = "Finance"
@@ -51,7 +51,7 @@ class ItemNotActionable(BillingError):
 @dataclass(frozen=True)
 class ItemActionResult:
     item: ReconciliationItem
-    transaction: LedgerTransaction | None
+    transaction_id: int | None
     # False when the request already had its posting (a late settle, an earlier write-off).
     posted: bool
 
@@ -102,13 +102,13 @@ def _item_close(
     user: AbstractBaseUser,
     memo: str,
     now: datetime,
-    txn: LedgerTransaction | None,
+    txn: int | None,
 ) -> None:
     item.status = status
     item.resolved_by = user  # type: ignore[assignment]
     item.resolved_at = now
     item.resolution_memo = memo
-    item.transaction = txn
+    item.transaction_id = txn
     item.save(
         update_fields=["status", "resolved_by", "resolved_at", "resolution_memo", "transaction"]
     )
@@ -121,7 +121,7 @@ def _staff_action_record(
     target: str,
     memo: str,
     now: datetime,
-    txn: LedgerTransaction | None = None,
+    txn: int | None = None,
     details: dict[str, Any] | None = None,
 ) -> StaffAction:
     return StaffAction.objects.create(  # type: ignore[misc]
@@ -130,7 +130,7 @@ def _staff_action_record(
         target=target,
         memo=memo,
         details=details or {},
-        transaction=txn,
+        transaction_id=txn,
         created_at=now,
     )
 
@@ -168,13 +168,10 @@ def item_charge(
     memo = _memo_clean(memo)
     item = _item_lock(item_id)
     cost = item_charge_amount(item)
-    existing = LedgerTransaction.objects.filter(
-        idempotency_key=request_idempotency_key(item.request_id)
-    ).exists()
-    txn = request_charge_post(
-        request_id=item.request_id, cost=cost, memo=memo, now=now, posted_by=user
+    charge = request_charge_post(
+        request_id=item.request_id, cost=cost, memo=memo, now=now, posted_by_id=user.pk
     )
-    posted = txn is not None and not existing
+    txn, posted = charge.transaction_id, charge.posted
     _item_close(
         item=item,
         status=ReconciliationItem.Status.RESOLVED,
@@ -192,7 +189,7 @@ def item_charge(
         txn=txn,
         details={"request_id": item.request_id, "amount": money_str(cost), "posted": posted},
     )
-    return ItemActionResult(item=item, transaction=txn, posted=posted)
+    return ItemActionResult(item=item, transaction_id=txn, posted=posted)
 
 
 @transaction.atomic(durable=True)
@@ -204,8 +201,8 @@ def item_write_off(
     item = _item_lock(item_id)
     amount = item_write_off_amount(item)
     txn = request_write_off_post(
-        request_id=item.request_id, amount=amount, memo=memo, now=now, posted_by=user
-    )
+        request_id=item.request_id, amount=amount, memo=memo, now=now, posted_by_id=user.pk
+    ).transaction_id
     _item_close(
         item=item,
         status=ReconciliationItem.Status.WRITTEN_OFF,
@@ -223,7 +220,7 @@ def item_write_off(
         txn=txn,
         details={"request_id": item.request_id, "amount": money_str(amount)},
     )
-    return ItemActionResult(item=item, transaction=txn, posted=True)
+    return ItemActionResult(item=item, transaction_id=txn, posted=True)
 
 
 @transaction.atomic(durable=True)
@@ -249,7 +246,7 @@ def item_resolve(
         now=now,
         details={"request_id": item.request_id},
     )
-    return ItemActionResult(item=item, transaction=None, posted=False)
+    return ItemActionResult(item=item, transaction_id=None, posted=False)
 
 
 def _retry_details(details: dict[str, Any]) -> dict[str, Any] | None:
@@ -290,7 +287,7 @@ def item_retry(
         now=now,
         details={"request_id": item.request_id, "amount": money_str(cost)},
     )
-    return ItemActionResult(item=item, transaction=None, posted=False)
+    return ItemActionResult(item=item, transaction_id=None, posted=False)
 
 
 ITEM_ACTIONS = {
@@ -310,8 +307,8 @@ def credit_post_by_staff(
     idempotency_key: str,
     user: AbstractBaseUser,
     now: datetime,
-) -> tuple[LedgerTransaction, bool]:
-    """A grant, purchase, refund or adjustment by staff. Returns (transaction, replayed).
+) -> Posted:
+    """A grant, purchase, refund or adjustment by staff, with its StaffAction.
 
     Idempotent on the key (made when the confirmation form was rendered): a double submit
     returns the original posting and records nothing new.
@@ -319,8 +316,6 @@ def credit_post_by_staff(
     memo = _memo_clean(memo)
     if not idempotency_key.strip():
         raise InvalidAmount("an idempotency key is required")
-    if not Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).exists():
-        raise AccountNotFound(f"no customer account {account_id}")
     posting = credit_posting(
         kind=kind,
         account_id=account_id,
@@ -329,19 +324,19 @@ def credit_post_by_staff(
         memo=memo,
         now=now,
     )
-
-    def write() -> tuple[LedgerTransaction, bool]:
-        txn = ledger_post(posting=posting, now=now, posted_by=user)
-        _staff_action_record(
-            user=user,
-            action=f"credit_{kind}",
-            target=f"account #{account_id}",
-            memo=memo,
-            now=now,
-            txn=txn,
-            details={"kind": kind, "amount": money_str(amount)},
-        )
-        return txn, False
-
-    # once_by_key opens the durable transaction; a key already taken returns the original.
-    return once_by_key(posting=posting, write=write, replay=lambda existing: (existing, True))
+    with transaction.atomic(durable=True):
+        try:
+            posted = ledger_post(posting=posting, now=now, posted_by_id=user.pk)
+        except AccountNotFound:
+            raise AccountNotFound(f"no customer account {account_id}") from None
+        if not posted.replayed:
+            _staff_action_record(
+                user=user,
+                action=f"credit_{kind}",
+                target=f"account #{account_id}",
+                memo=memo,
+                now=now,
+                txn=posted.transaction_id,
+                details={"kind": kind, "amount": money_str(amount)},
+            )
+    return posted

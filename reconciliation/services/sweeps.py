@@ -3,84 +3,44 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sentry_sdk
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Q
 
 from billing import metrics
-from billing.models import Hold
+from billing.engine import sql_batches
 from billing.selectors import ledger_audit
-from billing.services.holds import holds_expire
 from reconciliation.models import ReconciliationItem
 
 logger = logging.getLogger(__name__)
 
 
-# PostgreSQL: the whole batch in one INSERT ... SELECT; the unique (kind, request_id) index
-# makes a second sweep of the same hold a no-op.
-_QUEUE_EXPIRED_SQL = """
-INSERT INTO reconciliation_reconciliationitem
-    (kind, status, request_id, account_id, key_prefix, model_alias, usage, details,
-     cost, held_amount, error, attempts, created_at, resolution_memo)
-SELECT 'expired_hold', 'pending', h.request_id, h.account_id, COALESCE(k.prefix, ''),
-       h.model_alias, '{}'::jsonb, jsonb_build_object('expires_at', h.expires_at),
-       NULL, h.amount, '', 0, %(now)s, ''
-FROM billing_hold AS h LEFT JOIN billing_apikey AS k ON k.id = h.api_key_id
-WHERE h.id = ANY(%(ids)s) AND h.transaction_id IS NULL
-ON CONFLICT DO NOTHING
-"""
+_EXPIRE_AND_QUEUE_SQL = (
+    "SELECT * FROM reconciliation_engine.holds_expire_and_queue("
+    "%(now)s, %(limit)s, %(after_at)s, %(after_id)s)"
+)
+_SWEEP_START = {"after_at": datetime.min.replace(tzinfo=UTC), "after_id": 0}
 
 
-def _expired_holds_queue(*, hold_ids: list[int], now: datetime) -> int:
-    """Queue the just-expired holds that nobody charged; runs inside the expiry's transaction,
-    so a hold is never expired without its item. Memory is bounded by one batch."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(_QUEUE_EXPIRED_SQL, {"ids": hold_ids, "now": now})
-            return cursor.rowcount
-    rows = list(
-        Hold.objects.filter(id__in=hold_ids, transaction__isnull=True).values_list(
-            "request_id", "account_id", "api_key__prefix", "model_alias", "amount", "expires_at"
-        )
-    )
-    already = set(
-        ReconciliationItem.objects.filter(
-            kind=ReconciliationItem.Kind.EXPIRED_HOLD,
-            request_id__in=[row[0] for row in rows],
-        ).values_list("request_id", flat=True)
-    )
-    items = [
-        ReconciliationItem(
-            kind=ReconciliationItem.Kind.EXPIRED_HOLD,
-            request_id=request_id,
-            account_id=account_id,
-            key_prefix=key_prefix or "",
-            model_alias=model_alias,
-            held_amount=amount,
-            details={"expires_at": expires_at.isoformat()},
-            created_at=now,
-        )
-        for request_id, account_id, key_prefix, model_alias, amount, expires_at in rows
-        if request_id not in already
-    ]
-    # The holds are locked by this transaction, so the pre-check is exact; ignore_conflicts
-    # only guards the unique (kind, request_id) in case a sweep is ever run another way.
-    ReconciliationItem.objects.bulk_create(items, ignore_conflicts=True)
-    return len(items)
-
-
-def holds_expire_and_queue(*, now: datetime, batch_size: int = 10_000) -> dict[str, int]:
+def holds_expire_and_queue(
+    *, now: datetime, batch_size: int = 10_000, max_batches: int | None = None
+) -> dict[str, int]:
     """Expire every active hold whose expiry is at or before `now` (never one before its
-    time) and turn each into an expired-hold reconciliation item."""
-    queued = 0
-
-    def on_expired(hold_ids: list[int]) -> None:
-        nonlocal queued
-        queued += _expired_holds_queue(hold_ids=hold_ids, now=now)
-
-    expired = holds_expire(now=now, batch_size=batch_size, on_expired=on_expired)
+    time) and turn each into an expired-hold reconciliation item: one engine call per batch
+    (reconciliation/sql/queue_0001.sql), each its own transaction, so a hold is never expired
+    without its item and memory stays flat however many there are."""
+    batches = sql_batches(
+        _EXPIRE_AND_QUEUE_SQL,
+        {"now": now, **_SWEEP_START},
+        batch_size=batch_size,
+        max_batches=max_batches,
+        next_params=lambda row: {"after_at": row[2], "after_id": row[3]},
+        count=lambda row: row[0],
+    )
+    expired = sum(row[0] for row in batches)
+    queued = sum(row[1] for row in batches)
     if expired:
         metrics.HOLDS.labels(event="expired").inc(expired)
         logger.info("expired %d holds, queued %d for reconciliation", expired, queued)

@@ -38,7 +38,7 @@ class Command(BillingCommand):
         if amount == 0:
             raise CommandError("invalid amount: must be positive")
         key = options["idempotency_key"] or f"grant_credits:{uuid.uuid4()}"
-        txn, replayed = credit_post(
+        posted = credit_post(
             kind=options["kind"],
             account_id=options["account_id"],
             amount=amount,
@@ -48,12 +48,12 @@ class Command(BillingCommand):
         )
         balance = account_balance_get(account_id=options["account_id"]).as_json()
         return {
-            "transaction_id": txn.pk,
+            "transaction_id": posted.transaction_id,
             "account_id": options["account_id"],
-            "kind": txn.kind,
+            "kind": options["kind"],
             "amount": money_str(amount),
             "idempotency_key": key,
-            "replayed": replayed,
+            "replayed": posted.replayed,
             "balance": balance["balance"],
             "available": balance["available"],
         }
