@@ -193,10 +193,13 @@ def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
     app then ends normally, as uvicorn expects. A cancellation from elsewhere (the server
     stopping) still propagates."""
     seen: list[str] = []
+    # Set once the pipeline is answering (one per run: an Event belongs to its loop).
+    answering_started: list[asyncio.Event] = []
 
     async def answering(**kwargs: Any) -> Any:
+        answering_started[-1].set()
         try:
-            await asyncio.sleep(60)
+            await asyncio.Event().wait()  # an answer that never comes
         except asyncio.CancelledError:
             seen.append("cancelled")
             raise
@@ -205,20 +208,21 @@ def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
 
     async def client_leaves() -> tuple[list[dict[str, Any]], int]:
-        client_left = asyncio.Event()
+        answering_started.append(asyncio.Event())
         request = [{"type": "http.request", "body": b"{}", "more_body": False}]
-        receive, send, sent = _asgi_channel(request, client_left)
-        asyncio.get_running_loop().call_later(0.05, client_left.set)
+        # The client leaves once its request is being answered.
+        receive, send, sent = _asgi_channel(request, answering_started[-1])
         await application(scope, receive, send)
         task = asyncio.current_task()
         assert task is not None
         return sent, task.cancelling()
 
     async def server_stops() -> None:
+        answering_started.append(asyncio.Event())
         request = [{"type": "http.request", "body": b"{}", "more_body": False}]
         receive, send, _ = _asgi_channel(request, asyncio.Event())
         serving = asyncio.create_task(application(scope, receive, send))
-        await asyncio.sleep(0.05)
+        await answering_started[-1].wait()
         serving.cancel()
         with pytest.raises(asyncio.CancelledError):
             await serving

@@ -3,12 +3,11 @@ response still completes, and the real Celery worker charges the request exactly
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import httpx
 
-from billing.models import Hold, LedgerTransaction
+from billing.models import SYSTEM_ACCOUNT_IDS, Account, Hold, LedgerTransaction
 from billing.selectors import ledger_audit
 from reconciliation.models import ReconciliationItem
 from tests.gateway.conftest import start_gateway, stop_gateway
@@ -26,28 +25,25 @@ def test_settle_that_cannot_be_written_is_retried_by_the_worker_and_charged_once
         CELERY_TASK_DEFAULT_QUEUE=worker_queue,
     )
     try:
+        # Taken before the request starts: the revenue account's row, which the hold never
+        # touches and every settle's posting needs (its revenue leg's foreign key). The hold is
+        # placed, the answer relayed, and the settle fails on this lock, whatever the timing.
+        row_locker.lock_account(SYSTEM_ACCOUNT_IDS[Account.Kind.REVENUE])
         body = {
             "model": world.openai_model,
-            "messages": [{"role": "user", "content": "slow [mock:tokens=5] [mock:delay_ms=200]"}],
+            "messages": [{"role": "user", "content": "hi [mock:tokens=5]"}],
         }
-        with ThreadPoolExecutor(1) as pool:
-            reply = pool.submit(
-                httpx.post,
-                f"{gateway.url}/v1/chat/completions",
-                json=body,
-                headers={"Authorization": f"Bearer {world.key}"},
-                timeout=30,
-            )
-            hold = wait_until(
-                lambda: Hold.objects.filter(account=world.account).first(), timeout=10
-            )
-            row_locker.hold_lock(hold.request_id)  # the settle will fail on this lock
-            response = reply.result()
+        response = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {world.key}"},
+            timeout=30,
+        )
         assert response.status_code == 200
+        hold = Hold.objects.get(account=world.account)
         cost = Decimal(response.headers["x-request-cost"])
         assert "handing it to the retry task" in gateway.log_text()
         assert charged(hold.request_id) == 0  # not yet: the hold is still there
-        hold.refresh_from_db()
         assert hold.state == Hold.State.ACTIVE
         row_locker.release()  # the outage ends
         wait_until(lambda: Hold.objects.get(pk=hold.pk).state == Hold.State.SETTLED, timeout=30)
