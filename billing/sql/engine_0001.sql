@@ -352,8 +352,9 @@ BEGIN
     ELSIF v_release > 0 THEN
         UPDATE billing_account SET held = held - v_release WHERE id = h.account_id;
     END IF;
+    -- A hold ends once: an expired one stays expired, its late usage recorded on it.
     UPDATE billing_hold
-    SET state = 'settled',
+    SET state = CASE WHEN state = 'active' THEN 'settled' ELSE state END,
         resolved_at = CASE WHEN state = 'active' THEN p_now ELSE resolved_at END,
         settled_amount = p_cost, is_overrun = p_cost > amount, is_late = v_late,
         transaction_id = v_txn

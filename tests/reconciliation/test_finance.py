@@ -12,9 +12,7 @@ from django.db import transaction
 
 from billing.errors import HoldAlreadyResolved, IdempotencyConflict, InvalidAmount
 from billing.models import SYSTEM_ACCOUNT_IDS, Account, Hold, LedgerLeg, LedgerTransaction
-from billing.services.holds import hold_place, hold_settle, holds_expire
-from billing.services.ledger import request_idempotency_key
-from billing.services.requests import request_charge_post
+from billing.services.holds import hold_place, hold_settle, request_charge_post
 from reconciliation.models import ReconciliationItem, StaffAction
 from reconciliation.services.finance import (
     FINANCE_GROUP,
@@ -26,6 +24,7 @@ from reconciliation.services.finance import (
     item_retry,
     item_write_off,
 )
+from tests.factories import expire_holds, request_key
 
 pytestmark = pytest.mark.django_db
 
@@ -85,11 +84,11 @@ def test_charge_posts_usage_under_request_key_and_records_staff_action(
 
     result = item_charge(item_id=item.pk, user=staff, memo="customer agreed", now=now)
 
-    txn = result.transaction
+    txn = LedgerTransaction.objects.get(pk=result.transaction_id)
     assert txn is not None
     assert result.posted is True
     assert txn.kind == LedgerTransaction.Kind.USAGE
-    assert txn.idempotency_key == request_idempotency_key("req-1")
+    assert txn.idempotency_key == request_key("req-1")
     assert txn.posted_by == staff
     assert legs_of(txn) == {account.pk: -COST, REVENUE: COST}
     account.refresh_from_db()
@@ -120,8 +119,7 @@ def test_charge_after_automatic_settle_charges_nothing(account, issued_key, now,
     result = item_charge(item_id=item.pk, user=staff, memo="late check", now=now)
 
     assert result.posted is False
-    assert result.transaction is not None
-    assert result.transaction.pk == settled.transaction_id
+    assert result.transaction_id == settled.transaction_id
     assert LedgerTransaction.objects.filter(request_id="req-1").count() == 1
     account.refresh_from_db()
     assert account.balance == Decimal("9.8765432109")
@@ -146,10 +144,10 @@ def test_write_off_posts_balanced_revenue_and_write_off_legs_and_releases_hold(
 
     result = item_write_off(item_id=item.pk, user=staff, memo="goodwill", now=now)
 
-    txn = result.transaction
+    txn = LedgerTransaction.objects.get(pk=result.transaction_id)
     assert txn is not None
     assert txn.kind == LedgerTransaction.Kind.WRITE_OFF
-    assert txn.idempotency_key == request_idempotency_key("req-1")
+    assert txn.idempotency_key == request_key("req-1")
     assert legs_of(txn) == {REVENUE: COST, WRITE_OFFS: -COST}
     account.refresh_from_db()
     assert (account.balance, account.held) == (Decimal("10"), Decimal(0))
@@ -164,11 +162,13 @@ def test_charge_after_write_off_posts_nothing(account, issued_key, now, staff):
     written_off = item_write_off(item_id=item.pk, user=staff, memo="goodwill", now=now)
 
     with transaction.atomic():
-        txn = request_charge_post(request_id="req-1", cost=COST, memo="try", now=now)
+        charge = request_charge_post(
+            request_id="req-1", cost=COST, memo="try", now=now, posted_by_id=None
+        )
 
-    assert txn is not None
-    assert written_off.transaction is not None
-    assert txn.pk == written_off.transaction.pk
+    assert charge.posted is False
+    assert written_off.transaction_id is not None
+    assert charge.transaction_id == written_off.transaction_id
     assert LedgerLeg.objects.filter(transaction__request_id="req-1").count() == 2
     account.refresh_from_db()
     assert account.balance == Decimal("10")
@@ -200,14 +200,13 @@ def test_write_off_after_settle_is_refused_and_records_nothing(account, issued_k
 def test_expired_hold_charge_posts_known_cost_once_flagged_late(account, issued_key, now, staff):
     item = make_failure(issued_key=issued_key, now=now, kind=ReconciliationItem.Kind.EXPIRED_HOLD)
     later = now + timedelta(hours=1)
-    holds_expire(now=later)
+    expire_holds(now=later)
     account.refresh_from_db()
     assert account.held == Decimal(0)
 
     result = item_charge(item_id=item.pk, user=staff, memo="usage confirmed", now=later)
 
-    assert result.transaction is not None
-    assert result.transaction.is_late is True
+    assert LedgerTransaction.objects.get(pk=result.transaction_id).is_late is True
     account.refresh_from_db()
     assert (account.balance, account.held) == (Decimal("9.8765432109"), Decimal(0))
     assert Hold.objects.get(request_id="req-1").state == Hold.State.EXPIRED
@@ -217,7 +216,7 @@ def test_expired_hold_without_cost_cannot_be_charged(account, issued_key, now, s
     item = make_failure(
         issued_key=issued_key, now=now, cost=None, kind=ReconciliationItem.Kind.EXPIRED_HOLD
     )
-    holds_expire(now=now + timedelta(hours=1))
+    expire_holds(now=now + timedelta(hours=1))
 
     with pytest.raises(ItemNotActionable, match="no known cost"):
         item_charge(item_id=item.pk, user=staff, memo="charge it", now=now)
@@ -228,12 +227,14 @@ def test_expired_hold_without_cost_writes_off_the_held_amount(account, issued_ke
     item = make_failure(
         issued_key=issued_key, now=now, cost=None, kind=ReconciliationItem.Kind.EXPIRED_HOLD
     )
-    holds_expire(now=now + timedelta(hours=1))
+    expire_holds(now=now + timedelta(hours=1))
 
     result = item_write_off(item_id=item.pk, user=staff, memo="unknown usage", now=now)
 
-    assert result.transaction is not None
-    assert legs_of(result.transaction) == {REVENUE: HELD, WRITE_OFFS: -HELD}
+    assert legs_of(LedgerTransaction.objects.get(pk=result.transaction_id)) == {
+        REVENUE: HELD,
+        WRITE_OFFS: -HELD,
+    }
     account.refresh_from_db()
     assert (account.balance, account.held) == (Decimal("10"), Decimal(0))
 
@@ -317,7 +318,7 @@ def test_retry_queues_the_settle_after_commit_and_it_charges_once(
 def test_staff_credit_posts_balanced_legs_and_records_action(
     kind, amount, source, account, now, staff
 ):
-    txn, replayed = credit_post_by_staff(
+    posted = credit_post_by_staff(
         kind=kind,
         account_id=account.pk,
         amount=amount,
@@ -327,7 +328,8 @@ def test_staff_credit_posts_balanced_legs_and_records_action(
         now=now,
     )
 
-    assert replayed is False
+    assert posted.replayed is False
+    txn = LedgerTransaction.objects.get(pk=posted.transaction_id)
     assert legs_of(txn) == {account.pk: amount, source: -amount}
     account.refresh_from_db()
     assert account.balance == Decimal("10") + amount
@@ -340,7 +342,7 @@ def test_staff_credit_posts_balanced_legs_and_records_action(
 
 
 def test_staff_credit_double_submit_posts_once(account, now, staff):
-    first, _ = credit_post_by_staff(
+    first = credit_post_by_staff(
         kind="grant",
         account_id=account.pk,
         amount=Decimal("3"),
@@ -349,7 +351,7 @@ def test_staff_credit_double_submit_posts_once(account, now, staff):
         user=staff,
         now=now,
     )
-    second, replayed = credit_post_by_staff(
+    second = credit_post_by_staff(
         kind="grant",
         account_id=account.pk,
         amount=Decimal("3"),
@@ -359,8 +361,8 @@ def test_staff_credit_double_submit_posts_once(account, now, staff):
         now=now,
     )
 
-    assert replayed is True
-    assert second.pk == first.pk
+    assert second.replayed is True
+    assert second.transaction_id == first.transaction_id
     account.refresh_from_db()
     assert account.balance == Decimal("13")
     assert StaffAction.objects.count() == 1
