@@ -11,13 +11,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
-from billing.models import Account, Hold, UsageRecord
-from billing.pricing import Price
-from billing.services.holds import hold_place
-from billing.sql import sql_async_pool_close
+from billing.engine import sql_async_pool_close
+from billing.models import Account, Hold, LedgerTransaction, UsageRecord
+from billing.pricing import Price, Usage
+from billing.services.holds import hold_place, request_charge_post, request_write_off_post
 from gateway import pipeline
 from gateway.http import CompletionRequest
 from gateway.upstreams.openai import OpenAIChat
@@ -72,8 +72,14 @@ def test_an_unexpected_error_before_the_upstream_call_releases_the_whole_hold(
     monkeypatch.setattr(pipeline, "_upstream_call", _boom)
     stage = pipeline._stream_start if stream else pipeline._complete
 
+    async def run() -> None:
+        try:
+            await stage(CompletionRequest(request_id="req-1", body=b"", headers={}), billed)
+        finally:
+            await sql_async_pool_close()  # the release ran on this loop's async pool
+
     with pytest.raises(RuntimeError, match="a bug of ours"):
-        asyncio.run(stage(CompletionRequest(request_id="req-1", body=b"", headers={}), billed))
+        asyncio.run(run())
 
     hold = Hold.objects.get(request_id="req-1")
     assert hold.state == Hold.State.RELEASED
@@ -128,3 +134,63 @@ def test_an_unexpected_error_in_the_relay_still_settles_what_was_relayed(
     assert hold.state == Hold.State.SETTLED
     record = UsageRecord.objects.get(request_id="req-1")
     assert (record.outcome, record.estimated, record.output_tokens) == ("gateway_error", True, 2)
+
+
+def _written_off(billed: pipeline.BilledRequest) -> None:
+    with transaction.atomic():
+        request_write_off_post(
+            request_id=billed.request_id,
+            amount=Decimal("0.5"),
+            memo="goodwill",
+            now=timezone.now(),
+            posted_by_id=None,
+        )
+
+
+def _charged_by_finance(billed: pipeline.BilledRequest) -> None:
+    with transaction.atomic():
+        request_charge_post(
+            request_id=billed.request_id,
+            cost=Decimal("0.25"),
+            memo="agreed",
+            now=timezone.now(),
+            posted_by_id=None,
+        )
+
+
+@pytest.mark.parametrize(
+    ("finance", "charged"),
+    [(_written_off, Decimal(0)), (_charged_by_finance, Decimal("0.25"))],
+    ids=["written_off", "charged_by_finance"],
+)
+@pytest.mark.parametrize("on_loop", [True, False], ids=["on_loop", "in_thread"])
+def test_a_settle_refused_after_finance_posted_reports_what_was_posted(
+    settle_thread: None, finance: Any, charged: Decimal, on_loop: bool
+) -> None:
+    billed = _held(stream=False)
+    finance(billed)
+    usage = Usage(input_tokens=100_000, output_tokens=20_000)  # would cost 0.12 at this price
+
+    async def settle() -> Decimal:
+        try:
+            if on_loop:
+                return await pipeline._settle_stage(billed=billed, usage=usage, outcome="completed")
+            return await pipeline._in_threads(
+                pipeline._settle_threads, pipeline._settle, billed=billed, usage=usage,
+                outcome="completed",
+            )
+        finally:
+            await sql_async_pool_close()
+
+    assert asyncio.run(settle()) == charged
+    account = Account.objects.get(pk=billed.account_id)
+    assert (account.balance, account.held) == (Decimal("10") - charged, 0)
+    assert LedgerTransaction.objects.filter(request_id="req-1").count() == 1
+
+
+def test_the_settle_hand_off_is_imported_at_start_not_guarded() -> None:
+    # A broken import in the hand-off's chain must fail the gateway at start, not quietly
+    # leave every failed settle to expire: the pipeline imports it at module level.
+    from reconciliation.services.failures import settlement_handoff
+
+    assert pipeline.settlement_handoff is settlement_handoff
