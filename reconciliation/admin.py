@@ -23,6 +23,7 @@ from django.utils.http import urlencode
 
 from billing.admin import ReadOnlyAdmin, money_display
 from billing.errors import BillingError
+from billing.models import LedgerTransaction
 from billing.money import money_str
 from reconciliation.models import ReconciliationItem, StaffAction
 from reconciliation.selectors import dashboard_get, item_action_preview
@@ -180,10 +181,13 @@ class ReconciliationItemAdmin(ReadOnlyAdmin):
                     note = "settle queued"
                 elif txn is None:
                     note = "no money moved"
-                elif result.posted:
-                    note = f"posted transaction #{txn}"
                 else:
-                    note = f"already posted as transaction #{txn}; nothing new charged"
+                    kind = LedgerTransaction.objects.values_list("kind", flat=True).get(pk=txn)
+                    note = (
+                        f"posted {kind} transaction #{txn}"
+                        if result.posted
+                        else f"already posted as {kind} #{txn}; nothing new charged"
+                    )
                 self.message_user(request, f"Item #{item.pk}: {note}.", messages.SUCCESS)
             return redirect("admin:reconciliation_reconciliationitem_changelist")
 
