@@ -33,6 +33,12 @@ HOLDS = Counter(
     "billing_holds_total", "Hold transitions (placed, settled, released, expired).", ["event"]
 )
 HOLD_REFUSALS = Counter("billing_hold_refusals_total", "Holds refused, by reason.", ["reason"])
+OUTCOMES = Counter(
+    "gateway_request_outcomes_total",
+    "Billed requests by how they ended (the usage record's outcome: completed, "
+    "client_disconnected, upstream_<kind>, gateway_error, ...).",
+    ["endpoint", "outcome"],
+)
 ESTIMATED_USAGE = Counter(
     "billing_estimated_usage_total", "Requests billed from an estimate (no upstream usage)."
 )

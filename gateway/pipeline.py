@@ -288,6 +288,7 @@ async def _release_stage(*, billed: BilledRequest, outcome: str) -> None:
         logger.error("release of %s refused: %s", billed.request_id, exc)
     else:
         metrics.HOLDS.labels("released").inc()
+        metrics.OUTCOMES.labels(billed.adapter.endpoint, outcome).inc()
 
 
 def _upstream_call(
@@ -322,8 +323,8 @@ async def _complete(request: CompletionRequest, billed: BilledRequest) -> JsonAn
         payload = await _call_json(*_upstream_call(request, billed))
     except UpstreamFailure as failure:
         raise await _upstream_failed(billed, failure) from failure
-    except BaseException:
-        await _give_back(billed, outcome="gateway_error")
+    except BaseException as exc:
+        await _give_back(billed, outcome=_outcome_before_first_byte(exc))
         raise
     billed.mark_first_byte()
     adapter = billed.adapter
@@ -344,14 +345,20 @@ async def _stream_start(request: CompletionRequest, billed: BilledRequest) -> St
         call, state, first = await _stream_open(billed, *_upstream_call(request, billed))
     except UpstreamFailure as failure:
         raise await _upstream_failed(billed, failure) from failure
-    except BaseException:
-        await _give_back(billed, outcome="gateway_error")
+    except BaseException as exc:
+        await _give_back(billed, outcome=_outcome_before_first_byte(exc))
         raise
     return StreamAnswer(
         _relay(billed, call, state, first),
         content_type=billed.adapter.stream_content_type,
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+def _outcome_before_first_byte(exc: BaseException) -> str:
+    """Why a request ended after its hold and before the upstream's first byte, when the
+    upstream did not fail: the client left (its task was cancelled), or a bug of ours."""
+    return "client_disconnected" if isinstance(exc, asyncio.CancelledError) else "gateway_error"
 
 
 def request_json(request: CompletionRequest) -> Any:
@@ -629,7 +636,7 @@ def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
             return cost
         except (HoldAlreadyResolved, IdempotencyConflict) as exc:
             return _settle_refused(billed, exc, cost=cost)
-    _settled_count(billed, result=result, usage=usage, started=started)
+    _settled_count(billed, result=result, usage=usage, outcome=outcome, started=started)
     return result.cost
 
 
@@ -663,14 +670,15 @@ async def _settle_stage(*, billed: BilledRequest, usage: Usage, outcome: str) ->
         )
     except (HoldAlreadyResolved, IdempotencyConflict) as exc:
         return _settle_refused(billed, exc, cost=cost)
-    _settled_count(billed, result=result, usage=usage, started=started)
+    _settled_count(billed, result=result, usage=usage, outcome=outcome, started=started)
     return result.cost
 
 
 def _settled_count(
-    billed: BilledRequest, *, result: SettleResult, usage: Usage, started: float
+    billed: BilledRequest, *, result: SettleResult, usage: Usage, outcome: str, started: float
 ) -> None:
     cost = result.cost
+    metrics.OUTCOMES.labels(billed.adapter.endpoint, outcome).inc()
     metrics.SETTLE_LATENCY.observe(time.monotonic() - started)
     metrics.SETTLEMENTS.labels("replayed" if result.replayed else "settled").inc()
     if result.is_overrun:
@@ -712,6 +720,7 @@ def _release(*, billed: BilledRequest, outcome: str) -> None:
                 details=billed.details(outcome),
             )
             metrics.HOLDS.labels("released").inc()
+            metrics.OUTCOMES.labels(billed.adapter.endpoint, outcome).inc()
         except BillingError as exc:
             logger.error("release of %s refused: %s", billed.request_id, exc)
         except DatabaseError:
