@@ -93,6 +93,8 @@ def credit_post(
     """Post a purchase, grant, refund or adjustment once, in one engine call."""
     if not memo.strip():
         raise InvalidAmount("a memo is required")
+    if account_id <= 0:  # a system account: the engine checks each leg's kind, not its role
+        raise AccountNotFound(f"no customer account {account_id}")
     posting = credit_posting(
         kind=kind,
         account_id=account_id,

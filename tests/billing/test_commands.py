@@ -419,6 +419,21 @@ def test_bad_arguments_raise_command_error_and_change_nothing(args: list[str]) -
     assert account.balance == D(1)
 
 
+@pytest.mark.parametrize("account_id", [*SYSTEM_ACCOUNT_IDS.values(), 999999])
+@pytest.mark.parametrize("kind", ["grant", "purchase"])
+def test_a_grant_names_the_missing_customer_account(account_id: int, kind: str) -> None:
+    # The engine checks each leg's account kind, not which leg is the customer's: a grant to a
+    # system account would be a valid system-to-system posting unless the service refuses it.
+    make_account(credits=D("1"))
+    before = table_counts()
+    with pytest.raises(CommandError, match=rf"^no customer account {account_id}$"):
+        call_command(
+            "grant_credits", str(account_id), "1", "--memo", "m", "--kind", kind,
+            stdout=StringIO(), stderr=StringIO(),
+        )
+    assert table_counts() == before
+
+
 # --- the real thing: subprocesses against the test database -----------------------------------
 
 SUBPROCESS_BAD_ARGUMENTS = [
