@@ -18,8 +18,7 @@ from billing.models import Hold, LedgerTransaction
 from billing.selectors import ledger_audit
 from billing.services.accounts import credit_post
 from billing.services.holds import hold_place, hold_settle
-from billing.services.ledger import request_idempotency_key
-from tests.factories import make_account, make_key
+from tests.factories import make_account, make_key, request_key
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -130,10 +129,12 @@ def test_8_workers_replaying_a_credit_post_the_effect_once(now: datetime) -> Non
     )
 
     assert [status for status, _ in outcomes] == ["ok"] * 8, outcomes
-    transaction_ids = {value[0].pk for _, value in outcomes}
+    transaction_ids = {value.transaction_id for _, value in outcomes}
     assert len(transaction_ids) == 1
-    assert sorted(value[1] for _, value in outcomes) == [False] + [True] * 7  # one real post
-    assert LedgerTransaction.objects.filter(idempotency_key=key).count() == 1
+    assert sorted(value.replayed for _, value in outcomes) == [False] + [True] * 7  # one post
+    assert [t.pk for t in LedgerTransaction.objects.filter(idempotency_key=key)] == list(
+        transaction_ids
+    )
     account.refresh_from_db()
     assert account.balance == D(3)
     assert ledger_audit().clean
@@ -170,7 +171,7 @@ def test_8_workers_replaying_a_settle_charge_once(now: datetime) -> None:
     transaction_ids = {value for _, value in outcomes}
     assert len(transaction_ids) == 1
     assert None not in transaction_ids
-    postings = LedgerTransaction.objects.filter(idempotency_key=request_idempotency_key(request_id))
+    postings = LedgerTransaction.objects.filter(idempotency_key=request_key(request_id))
     assert [txn.pk for txn in postings] == list(transaction_ids)
     account.refresh_from_db()
     assert (account.balance, account.held) == (D("3.75"), D(0))
