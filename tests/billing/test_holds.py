@@ -20,9 +20,9 @@ from billing.errors import (
 from billing.models import Account, ApiKey, Hold, LedgerLeg, LedgerTransaction
 from billing.selectors import ledger_audit
 from billing.services.accounts import account_status_set
-from billing.services.holds import hold_place, hold_release, hold_settle, holds_expire
-from billing.services.ledger import request_idempotency_key
-from tests.factories import make_account, make_key
+from billing.services.holds import hold_place, hold_release, hold_settle
+from reconciliation.models import ReconciliationItem
+from tests.factories import expire_holds, make_account, make_key, request_key
 
 pytestmark = pytest.mark.django_db
 
@@ -43,7 +43,7 @@ def balances(account: Account) -> tuple[Decimal, Decimal]:
 
 def usage_postings(request_id: str) -> list[LedgerTransaction]:
     return list(
-        LedgerTransaction.objects.filter(idempotency_key=request_idempotency_key(request_id))
+        LedgerTransaction.objects.filter(idempotency_key=request_key(request_id))
     )
 
 
@@ -70,7 +70,7 @@ def test_settle_after_sweeper_expiry_posts_usage_once_and_flags_it_late(
     account: Account, key: ApiKey, now: datetime
 ) -> None:
     place(key, "r1", "2", now)
-    assert holds_expire(now=now + timedelta(seconds=TTL)) == 1
+    assert expire_holds(now=now + timedelta(seconds=TTL)) == 1
     assert balances(account) == (D(10), D(0))
 
     later = now + timedelta(seconds=TTL + 60)
@@ -84,6 +84,10 @@ def test_settle_after_sweeper_expiry_posts_usage_once_and_flags_it_late(
     assert balances(account) == (D("8.5"), D(0))  # charged once, nothing released twice
     hold = Hold.objects.get(request_id="r1")
     assert (hold.state, hold.settled_amount, hold.is_late) == (Hold.State.EXPIRED, D("1.5"), True)
+    assert hold.transaction_id == first.transaction_id
+    # The sweep queued the expired hold for finance once; the late settle adds no second item.
+    [item] = ReconciliationItem.objects.filter(request_id="r1")
+    assert (item.kind, item.held_amount) == (ReconciliationItem.Kind.EXPIRED_HOLD, D(2))
     assert ledger_audit().clean
 
 
@@ -155,7 +159,7 @@ def test_late_zero_cost_settle_then_other_cost_is_a_conflict(
 ) -> None:
     # An expired hold settled at 0 has no posting; a second settle must not charge it again.
     place(key, "r1", "2", now)
-    holds_expire(now=now + timedelta(seconds=TTL))
+    expire_holds(now=now + timedelta(seconds=TTL))
     hold_settle(request_id="r1", cost=D(0), now=now + timedelta(seconds=TTL + 1))
     with pytest.raises(IdempotencyConflict):
         hold_settle(request_id="r1", cost=D("1"), now=now + timedelta(seconds=TTL + 2))
@@ -210,7 +214,7 @@ def test_expire_never_expires_a_hold_before_its_expiry(
     account: Account, key: ApiKey, now: datetime, sweep_at: timedelta, expired: bool
 ) -> None:
     place(key, "r1", "2", now)
-    assert holds_expire(now=now + sweep_at) == int(expired)
+    assert expire_holds(now=now + sweep_at) == int(expired)
     hold = Hold.objects.get(request_id="r1")
     assert hold.state == (Hold.State.EXPIRED if expired else Hold.State.ACTIVE)
     assert balances(account) == (D(10), D(0) if expired else D(2))
@@ -220,8 +224,8 @@ def test_expire_never_expires_a_hold_before_its_expiry(
 def test_expire_twice_resolves_once(account: Account, key: ApiKey, now: datetime) -> None:
     place(key, "r1", "2", now)
     later = now + timedelta(seconds=TTL)
-    assert holds_expire(now=later) == 1
-    assert holds_expire(now=later) == 0
+    assert expire_holds(now=later) == 1
+    assert expire_holds(now=later) == 0
     assert balances(account) == (D(10), D(0))
 
 
