@@ -15,6 +15,7 @@ hold and settle need no thread. The services map the rows the same way for both.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import psycopg
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from psycopg_pool import AsyncConnectionPool
+
+logger = logging.getLogger(__name__)
 
 Rows = Sequence[tuple[Any, ...]]
 
@@ -85,8 +88,32 @@ _async_pools: dict[asyncio.AbstractEventLoop, asyncio.Future[AsyncConnectionPool
 
 async def sql_rows_async(statement: str, params: Mapping[str, Any]) -> Rows:
     """Run one statement that returns rows as its own transaction, on the running event loop.
-    Errors are psycopg's: the caller's fallback is the sync path, in a thread."""
+    Errors are psycopg's.
+
+    A connection the database dropped while it sat idle in the pool (a restart, a failover)
+    fails its statement at once: then the pool's idle connections are checked, the dead ones
+    dropped, and the statement runs once more on a live one. Only a broken connection is
+    retried, never a refusal or a lock timeout; every engine call is idempotent by its request
+    id or key, so a first try that committed before its connection went cannot count twice.
+    """
     pool = await _async_pool()
+    try:
+        return await _pooled_rows(pool, statement, params)
+    except psycopg.OperationalError as exc:
+        if not isinstance(exc, _BrokenConnection):
+            raise
+        logger.warning("async database connection lost while idle; retrying on a fresh one")
+        await pool.check()
+    return await _pooled_rows(pool, statement, params)
+
+
+class _BrokenConnection(psycopg.OperationalError):
+    """The statement failed because its connection is gone (not because of what it asked)."""
+
+
+async def _pooled_rows(
+    pool: AsyncConnectionPool, statement: str, params: Mapping[str, Any]
+) -> Rows:
     # getconn/putconn rather than pool.connection(): its context manager adds a generator and
     # the connection's own commit-or-rollback block, which an autocommit statement never needs.
     # putconn still resets or discards a connection an error or a cancellation left unusable.
@@ -94,6 +121,10 @@ async def sql_rows_async(statement: str, params: Mapping[str, Any]) -> Rows:
     try:
         cursor = await conn.execute(statement, params, prepare=True)
         return await cursor.fetchall()
+    except psycopg.OperationalError as exc:
+        if conn.broken or conn.closed:
+            raise _BrokenConnection(str(exc)) from exc
+        raise
     finally:
         await pool.putconn(conn)
 

@@ -107,6 +107,14 @@ DB_CONNECTION_MAX_LIFETIME_SECONDS = 600
 # How long a request may queue for a connection (a burst on one hot account queues behind its
 # row lock) before it gets a 503 that charged nothing.
 DB_POOL_TIMEOUT_SECONDS = env_int("DB_POOL_TIMEOUT_SECONDS", 30)
+# A connection attempt gives up after this long, so an outage fails fast and the pool heals.
+DB_CONNECT_TIMEOUT_SECONDS = env_int("DB_CONNECT_TIMEOUT_SECONDS", 3)
+# How long the gateway waits for one money step (hold, settle, release) on the database before
+# giving up on it: an outage (connections refused, dropped, or accepted and never answered)
+# must not hold a finished response. A settle given up on goes to the retry task.
+GATEWAY_DB_STEP_TIMEOUT_SECONDS = env_float(
+    "GATEWAY_DB_STEP_TIMEOUT_SECONDS", DB_CONNECT_TIMEOUT_SECONDS + 2
+)
 _db = postgresql_settings(DATABASE_URL)
 # CONN_MAX_AGE must be 0 under ASGI (and with a pool). CONN_HEALTH_CHECKS makes Django give the
 # pool check=ConnectionPool.check_connection, so it heals after an outage.
@@ -119,9 +127,9 @@ _db["OPTIONS"] = {
         "timeout": DB_POOL_TIMEOUT_SECONDS,
         "max_lifetime": DB_CONNECTION_MAX_LIFETIME_SECONDS,
     },
-    "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 3),
+    "connect_timeout": DB_CONNECT_TIMEOUT_SECONDS,
     # Django turns prepared statements off unless this is set. Its ORM binds on the client and
-    # never prepares; only billing/sql.py's few hot statements ask to be prepared. Set
+    # never prepares; only the money engine's calls (billing/engine.py) ask to be prepared. Set
     # DB_PREPARED_STATEMENTS=false behind a pooler that can't keep them (PgBouncer in
     # transaction mode before 1.21).
     "prepare_threshold": 5 if env_bool("DB_PREPARED_STATEMENTS", True) else None,
@@ -178,7 +186,7 @@ GATEWAY_SETTLE_THREADS = env_int(
     max(1, min(_DB_POOL_FOR_THREADS - GATEWAY_MAX_CONCURRENT_HOLDS, _DB_THREADS_PER_KIND)),
 )
 # Async connections per gateway process for the common hold and settle, run from the event
-# loop (billing/sql.py): as many as the database threads, which they mostly replace. Outside
+# loop (billing/engine.py): as many as the database threads, which they mostly replace. Outside
 # DB_POOL_MAX_SIZE: count them in PostgreSQL's max_connections too. Measured on 2 cores at 32
 # concurrent requests: 4 made requests queue for a connection (550 req/s), 8 gave 640, 16 600.
 GATEWAY_ASYNC_DB_CONNECTIONS = env_int(

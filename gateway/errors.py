@@ -91,6 +91,13 @@ STATUS_ERRORS = {
 }
 
 
+def billing_unavailable() -> GatewayError:
+    """The database is out of reach: nothing was held or charged, and the client may retry."""
+    return GatewayError(
+        503, "Billing is temporarily unavailable; retry shortly.", "server_error", "unavailable"
+    )
+
+
 def too_large() -> GatewayError:
     return GatewayError(
         413,
@@ -171,9 +178,7 @@ def gateway_error(exc: Exception) -> GatewayError:
     if isinstance(exc, DatabaseError):
         # Pool exhausted or database down: nothing was held or charged; the client may retry.
         logger.warning("database unavailable before the hold: %s", type(exc).__name__)
-        return GatewayError(
-            503, "Billing is temporarily unavailable; retry shortly.", "server_error", "unavailable"
-        )
+        return billing_unavailable()
     if isinstance(exc, exceptions.APIException):
         return GatewayError(exc.status_code, str(exc.detail), "invalid_request_error")
     logger.exception("unhandled gateway error")

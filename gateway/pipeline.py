@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 import psycopg
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from billing import metrics
@@ -49,12 +49,10 @@ from billing.services.holds import (
     SettleResult,
     hold_place,
     hold_place_async,
-    hold_release,
     hold_release_async,
-    hold_settle,
     hold_settle_async,
 )
-from gateway.errors import GatewayError, error_from_billing, invalid_param
+from gateway.errors import GatewayError, billing_unavailable, error_from_billing, invalid_param
 from gateway.http import CompletionRequest, JsonAnswer, StreamAnswer
 from gateway.selectors import (
     ModelContext,
@@ -276,19 +274,43 @@ async def _give_back(billed: BilledRequest, *, outcome: str) -> None:
 
 
 async def _release_stage(*, billed: BilledRequest, outcome: str) -> None:
-    """The release on the loop; after a database error there, once more in a settle thread."""
+    """The release, on the loop, within the step deadline. If it cannot be written the hold
+    stays, and the sweep reclaims it at expiry; the client still gets its answer."""
     try:
-        await hold_release_async(
-            request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)
+        await _within_step_deadline(
+            hold_release_async(
+                request_id=billed.request_id, now=timezone.now(), details=billed.details(outcome)
+            )
         )
-    except psycopg.Error as exc:
-        logger.info("async release of %s fell back: %s", billed.request_id, type(exc).__name__)
-        await _in_threads(_settle_threads, _release, billed=billed, outcome=outcome)
+    except (psycopg.Error, TimeoutError) as exc:
+        logger.warning(
+            "release of %s failed (%s); it will expire", billed.request_id, type(exc).__name__
+        )
     except BillingError as exc:
         logger.error("release of %s refused: %s", billed.request_id, exc)
     else:
         metrics.HOLDS.labels("released").inc()
         metrics.OUTCOMES.labels(billed.adapter.endpoint, outcome).inc()
+
+
+async def _within_step_deadline(work: Awaitable[T]) -> T:
+    """`work`, or TimeoutError once GATEWAY_DB_STEP_TIMEOUT_SECONDS have passed. A database
+    that refuses, drops or stalls connections must not hold a finished response: the step is
+    left to finish or fail by itself (it is not awaited, in case its cancellation stalls too).
+    If it does commit after all, nothing counts twice: every engine call is idempotent by its
+    request id, so the settle's retry replays it."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=settings.GATEWAY_DB_STEP_TIMEOUT_SECONDS)
+    if task in done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_step_abandoned)
+    raise TimeoutError("the database did not answer within the step deadline")
+
+
+def _step_abandoned(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.info("an abandoned database step ended with %s", type(task.exception()).__name__)
 
 
 def _upstream_call(
@@ -417,27 +439,32 @@ def _hold_place_priced(*, ask: HoldAsk) -> BilledRequest:
 async def _hold_stage(ask: HoldAsk, *, on_loop: bool) -> BilledRequest:
     """Price, estimate and hold. With the route and tariffs cached and a prompt small enough
     to count on the loop, the hold is placed from the loop and decided there, refusals
-    included; anything else, and a database error on the loop's connection, goes to a hold
-    thread, which runs the same engine call."""
+    included, within the step deadline; anything else goes to a hold thread, which reads
+    what the caches missed and runs the same engine call."""
     context = model_context_cached(alias=ask.parsed.model) if on_loop else None
     if context is not None:
         billed = _billed_for(ask, context=context)
         try:
-            await hold_place_async(
-                api_key=ask.api_key,
-                request_id=ask.request_id,
-                amount=billed.hold_amount,
-                now=ask.now,
-                model_alias=ask.parsed.model,
+            await _within_step_deadline(
+                hold_place_async(
+                    api_key=ask.api_key,
+                    request_id=ask.request_id,
+                    amount=billed.hold_amount,
+                    now=ask.now,
+                    model_alias=ask.parsed.model,
+                )
             )
         except BillingError as exc:
             metrics.HOLD_REFUSALS.labels(type(exc).__name__).inc()
             raise error_from_billing(exc) from exc
-        except psycopg.Error as exc:
-            logger.info("async hold of %s fell back: %s", ask.request_id, type(exc).__name__)
-        else:
-            metrics.HOLDS.labels("placed").inc()
-            return billed
+        except (psycopg.Error, TimeoutError) as exc:
+            # Nothing was held (or, if the statement still commits, the hold expires into
+            # reconciliation uncharged): the client may retry.
+            logger.warning("hold of %s failed: %s", ask.request_id, type(exc).__name__)
+            metrics.HOLD_REFUSALS.labels("DatabaseUnavailable").inc()
+            raise billing_unavailable() from exc
+        metrics.HOLDS.labels("placed").inc()
+        return billed
     return await _in_threads(_hold_threads, _hold_for, ask=ask)
 
 
@@ -602,42 +629,20 @@ def _estimated_usage(
     return Usage(input_tokens=billed.prompt_tokens, output_tokens=output, estimated=True)
 
 
-def _settle(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
-    """Post the exact cost (sync, in a settle thread). Never raises for a DB failure: the
-    settle is handed to the retry task instead, and the hold stays until it lands. Returns
-    what the customer was charged."""
-    cost = billed.price.cost(usage)
-    details = billed.details(outcome)
-    started = time.monotonic()
-    with _db_step():
-        try:
-            result = _on_live_connection(
-                hold_settle,
-                request_id=billed.request_id,
-                cost=cost,
-                now=timezone.now(),
-                usage=usage,
-                details=details,
-            )
-        except DatabaseError as exc:
-            logger.warning(
-                "settle of %s failed (%s); handing it to the retry task",
-                billed.request_id,
-                type(exc).__name__,
-            )
-            metrics.SETTLEMENTS.labels("handed_off").inc()
-            settlement_handoff(
-                request_id=billed.request_id,
-                cost=cost,
-                usage=usage,
-                details=details,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            return cost
-        except (HoldAlreadyResolved, IdempotencyConflict) as exc:
-            return _settle_refused(billed, exc, cost=cost)
-    _settled_count(billed, result=result, usage=usage, outcome=outcome, started=started)
-    return result.cost
+def _handoff(*, billed: BilledRequest, usage: Usage, cost: Decimal, outcome: str, error: str
+             ) -> None:
+    """Give the settle the database would not take to the retry task (sync: the broker's
+    client blocks, briefly, so it runs in a settle thread)."""
+    logger.warning("settle of %s failed (%s); handing it to the retry task", billed.request_id,
+                   error)
+    metrics.SETTLEMENTS.labels("handed_off").inc()
+    settlement_handoff(
+        request_id=billed.request_id,
+        cost=cost,
+        usage=usage,
+        details=billed.details(outcome),
+        error=error,
+    )
 
 
 def _settle_refused(
@@ -651,23 +656,33 @@ def _settle_refused(
 
 
 async def _settle_stage(*, billed: BilledRequest, usage: Usage, outcome: str) -> Decimal:
-    """Post the exact cost from the loop; after a database error there, in a settle thread
-    (_settle), which tries again or hands it off. Returns what the customer was charged."""
+    """Post the exact cost, on the loop, within the step deadline. A settle the database
+    refuses, drops or leaves unanswered is handed to the retry task at once, and the client
+    gets its answer; the hold stays until the retry lands. Returns what the customer was
+    charged."""
     cost = billed.price.cost(usage)
     started = time.monotonic()
     try:
-        result = await hold_settle_async(
-            request_id=billed.request_id,
-            cost=cost,
-            now=timezone.now(),
+        result = await _within_step_deadline(
+            hold_settle_async(
+                request_id=billed.request_id,
+                cost=cost,
+                now=timezone.now(),
+                usage=usage,
+                details=billed.details(outcome),
+            )
+        )
+    except (psycopg.Error, TimeoutError) as exc:
+        await _in_threads(
+            _settle_threads,
+            _handoff,
+            billed=billed,
             usage=usage,
-            details=billed.details(outcome),
+            cost=cost,
+            outcome=outcome,
+            error=f"{type(exc).__name__}: {exc}",
         )
-    except psycopg.Error as exc:
-        logger.info("async settle of %s fell back: %s", billed.request_id, type(exc).__name__)
-        return await _in_threads(
-            _settle_threads, _settle, billed=billed, usage=usage, outcome=outcome
-        )
+        return cost
     except (HoldAlreadyResolved, IdempotencyConflict) as exc:
         return _settle_refused(billed, exc, cost=cost)
     _settled_count(billed, result=result, usage=usage, outcome=outcome, started=started)
@@ -708,25 +723,6 @@ def _count_tokens(model: str, usage: Usage) -> None:
     ):
         if count:
             metrics.TOKENS.labels(model, kind).inc(count)
-
-
-def _release(*, billed: BilledRequest, outcome: str) -> None:
-    with _db_step():
-        try:
-            _on_live_connection(
-                hold_release,
-                request_id=billed.request_id,
-                now=timezone.now(),
-                details=billed.details(outcome),
-            )
-            metrics.HOLDS.labels("released").inc()
-            metrics.OUTCOMES.labels(billed.adapter.endpoint, outcome).inc()
-        except BillingError as exc:
-            logger.error("release of %s refused: %s", billed.request_id, exc)
-        except DatabaseError:
-            # The hold stays and the sweeper reclaims it at expiry; the client still gets the
-            # upstream's error.
-            logger.exception("release of %s failed; it will expire", billed.request_id)
 
 
 def upstream_error(failure: UpstreamFailure) -> GatewayError:

@@ -163,9 +163,8 @@ def _charged_by_finance(billed: pipeline.BilledRequest) -> None:
     [(_written_off, Decimal(0)), (_charged_by_finance, Decimal("0.25"))],
     ids=["written_off", "charged_by_finance"],
 )
-@pytest.mark.parametrize("on_loop", [True, False], ids=["on_loop", "in_thread"])
 def test_a_settle_refused_after_finance_posted_reports_what_was_posted(
-    settle_thread: None, finance: Any, charged: Decimal, on_loop: bool
+    settle_thread: None, finance: Any, charged: Decimal
 ) -> None:
     billed = _held(stream=False)
     finance(billed)
@@ -173,12 +172,7 @@ def test_a_settle_refused_after_finance_posted_reports_what_was_posted(
 
     async def settle() -> Decimal:
         try:
-            if on_loop:
-                return await pipeline._settle_stage(billed=billed, usage=usage, outcome="completed")
-            return await pipeline._in_threads(
-                pipeline._settle_threads, pipeline._settle, billed=billed, usage=usage,
-                outcome="completed",
-            )
+            return await pipeline._settle_stage(billed=billed, usage=usage, outcome="completed")
         finally:
             await sql_async_pool_close()
 
