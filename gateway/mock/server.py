@@ -9,6 +9,8 @@ Token rules (per choice):
   one cl100k token, and any run of them is exactly one token per word. One token per chunk.
 - k = ``[mock:tokens=N]`` (default DEFAULT_COMPLETION_TOKENS), capped by ``max_tokens`` /
   ``max_completion_tokens`` (finish_reason "length" / stop_reason "max_tokens" when capped).
+  Both at once (neither null) is OpenAI's 400, so a request that reaches the mock carried
+  one limit at most.
 - Prompt tokens = ``gateway.tokens.messages_tokens(messages, system=...)`` without margin.
 - OpenAI usage: completion_tokens = n * (k + reasoning); prompt_tokens includes cached.
   Anthropic usage: input_tokens + cache_read_input_tokens + cache_creation_input_tokens = prompt.
@@ -74,6 +76,10 @@ MAX_CHOICES = 128
 
 FAIL_BEFORE_FIRST_CHUNK = "before_first_chunk"
 FAIL_MID_STREAM = "mid_stream"
+
+BOTH_LIMITS_MESSAGE = (
+    "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported."
+)
 
 _DIRECTIVE = re.compile(r"\[mock:([a-z_]+)(?:=([^\]]*))?\]")
 _INT_DIRECTIVES = ("tokens", "delay_ms", "cached_tokens", "reasoning_tokens", "cache_write_tokens")
@@ -332,6 +338,9 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(
             body, "max_tokens"
         )
+        if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+            # As OpenAI answers (code invalid_parameter_combination): one limit, never two.
+            raise BadRequest(BOTH_LIMITS_MESSAGE, param="max_tokens")
         stream = body.get("stream") is True
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):

@@ -27,6 +27,7 @@ from gateway.upstreams.base import (
     token_count,
     unreadable_usage_log,
     usage_marked,
+    without_nulls,
 )
 from gateway.upstreams.client import UpstreamFailure, sse_event, sse_fields
 
@@ -125,13 +126,18 @@ class AnthropicStreamState(StreamState):
         )
 
 
+# Every field parse reads: sent as null, each is absent (and is not forwarded as a null).
+READ_FIELDS = ("model", "messages", "stream", "max_tokens", "system")
+
+
 class AnthropicMessages(Adapter):
     endpoint = "messages"
     style = ANTHROPIC
 
     @classmethod
     def parse(cls, body: Any) -> ParsedRequest:
-        body = body_object(body)
+        # A null is an absent field: `"max_tokens": null` is the 400 of a missing max_tokens.
+        body = without_nulls(body_object(body), READ_FIELDS)
         model = require_model(body)
         messages = require_messages(body)
         stream = require_bool(body, "stream")

@@ -101,6 +101,12 @@ def usage_part(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return part
 
 
+def without_nulls(body: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `body` in which each of `fields` sent as null is absent: the adapters read a
+    null as "not given" and forward what they read, never the null beside it."""
+    return {key: value for key, value in body.items() if value is not None or key not in fields}
+
+
 def require_int(body: dict[str, Any], param: str, *, minimum: int, maximum: int) -> int | None:
     value = body.get(param)
     if value is None:

@@ -28,6 +28,7 @@ from gateway.upstreams.base import (
     unreadable_usage_log,
     usage_marked,
     usage_part,
+    without_nulls,
 )
 from gateway.upstreams.client import sse_event, sse_fields
 
@@ -130,13 +131,36 @@ class OpenAIStreamState(StreamState):
         return b"".join(parts)
 
 
+# The two names of the output limit, the current one first: it wins a tie.
+LIMIT_FIELDS = ("max_completion_tokens", "max_tokens")
+# Every field parse reads: sent as null, each is absent (and is not forwarded as a null).
+READ_FIELDS = ("model", "messages", "stream", "stream_options", "n", *LIMIT_FIELDS)
+
+
+def output_limit(body: dict[str, Any]) -> tuple[str, int | None]:
+    """The output limit the client asked for and the field that carries it. Each limit given
+    is checked; when both are, the smaller applies. Neither: ("max_tokens", None), and the
+    pipeline holds for the route's maximum."""
+    given = {
+        name: limit
+        for name in LIMIT_FIELDS
+        if (limit := require_int(body, name, minimum=1, maximum=ABSURD_MAX_TOKENS)) is not None
+    }
+    if not given:
+        return "max_tokens", None
+    param = min(given, key=given.__getitem__)  # the first of LIMIT_FIELDS on a tie
+    return param, given[param]
+
+
 class OpenAIChat(Adapter):
     endpoint = "chat.completions"
     style = OPENAI
 
     @classmethod
     def parse(cls, body: Any) -> ParsedRequest:
-        body = body_object(body)
+        # A null is an absent field (the official SDK sends `"max_completion_tokens": null`
+        # beside `"max_tokens": 1` for max_tokens=1, max_completion_tokens=None).
+        body = without_nulls(body_object(body), READ_FIELDS)
         model = require_model(body)
         messages = require_messages(body)
         stream = require_bool(body, "stream")
@@ -144,8 +168,7 @@ class OpenAIChat(Adapter):
         if options is not None and not isinstance(options, dict):
             raise invalid_param("stream_options", "'stream_options' must be an object.")
         include_usage = bool(options and options.get("include_usage") is True)
-        param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = require_int(body, param, minimum=1, maximum=ABSURD_MAX_TOKENS)
+        param, max_tokens = output_limit(body)
         n = require_int(body, "n", minimum=1, maximum=128) or 1
         return ParsedRequest(
             body=body,
@@ -169,7 +192,10 @@ class OpenAIChat(Adapter):
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         body = dict(parsed.body)
         body["model"] = target.upstream_model
-        # Always bound the output we may have to pay for by what the hold covers.
+        # Always bound the output we may have to pay for by what the hold covers, with exactly
+        # one limit: two would leave the upstream to choose (OpenAI refuses both at once).
+        for name in LIMIT_FIELDS:
+            body.pop(name, None)
         body[parsed.max_tokens_param] = max_output_tokens
         if parsed.stream:
             # Always ask for usage; the pipeline strips it if the client did not.
