@@ -46,7 +46,11 @@ class Account(models.Model):
                 fields=["kind"], condition=~Q(kind="customer"), name="one_account_per_system_kind"
             ),
         ]
-        permissions = [("post_adjustment", "Can post grants, purchases, refunds, adjustments")]
+        permissions = [
+            ("post_adjustment", "Can post grants, purchases, refunds, adjustments"),
+            # Adjustments are signed and unbounded: the admin also requires this one for them.
+            ("post_balance_adjustment", "Can post balance adjustments"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} (#{self.pk})"
@@ -277,6 +281,12 @@ class Hold(models.Model):
     settled_amount = MoneyField(null=True, blank=True)
     is_overrun = models.BooleanField(default=False)
     is_late = models.BooleanField(default=False)
+    # The usage relayed so far, checkpointed by the gateway during a stream: if the gateway dies
+    # before settling, the sweep charges this (flagged late; the usage record estimated) when
+    # the hold expires, instead of leaving nothing to charge.
+    checkpoint_cost = MoneyField(null=True, blank=True)
+    checkpoint_usage = models.JSONField(null=True, blank=True)
+    checkpoint_at = models.DateTimeField(null=True, blank=True)
     # The request's one posting (usage, or a finance charge or write-off), once there is one.
     transaction = models.OneToOneField(
         LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="hold"

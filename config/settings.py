@@ -112,6 +112,10 @@ DB_CONNECT_TIMEOUT_SECONDS = env_int("DB_CONNECT_TIMEOUT_SECONDS", 3)
 # How long the gateway waits for one money step (hold, settle, release) on the database before
 # giving up on it: an outage (connections refused, dropped, or accepted and never answered)
 # must not hold a finished response. A settle given up on goes to the retry task.
+# A stream's relayed usage is checkpointed on its hold at least this often, and every this
+# many content events (about a token each), so a gateway killed mid-stream still bills it.
+GATEWAY_CHECKPOINT_SECONDS = env_float("GATEWAY_CHECKPOINT_SECONDS", 5.0)
+GATEWAY_CHECKPOINT_TOKENS = env_int("GATEWAY_CHECKPOINT_TOKENS", 256)
 GATEWAY_DB_STEP_TIMEOUT_SECONDS = env_float(
     "GATEWAY_DB_STEP_TIMEOUT_SECONDS", DB_CONNECT_TIMEOUT_SECONDS + 2
 )

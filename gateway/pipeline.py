@@ -47,6 +47,7 @@ from billing.pricing import Price, Usage
 from billing.services.holds import (
     RequestDetails,
     SettleResult,
+    hold_checkpoint_async,
     hold_place,
     hold_place_async,
     hold_release_async,
@@ -179,6 +180,12 @@ class BilledRequest:
     started_at: datetime
     started: float  # monotonic
     first_byte_ms: int | None = None
+    # A stream's checkpoints (_checkpoint_due): when the last was taken, the output tokens
+    # counted so far and how many of the stream's texts they cover, and the one in flight.
+    checkpointed: float = 0.0
+    counted_tokens: int = 0
+    counted_texts: int = 0
+    checkpoint: asyncio.Future[None] | None = None
 
     def details(self, outcome: str) -> RequestDetails:
         return RequestDetails(
@@ -558,6 +565,8 @@ async def _relay(
             if out:
                 billed.mark_first_byte()
                 yield out
+                if _checkpoint_due(billed, state):
+                    billed.checkpoint = asyncio.ensure_future(_checkpoint(billed, state))
             if failure is not None:
                 raise failure
             if state.finished:
@@ -593,6 +602,54 @@ async def _relay(
         yield billed.adapter.stream_error(
             "The upstream failed mid-stream; the partial output was billed."
         )
+
+
+def _checkpoint_due(billed: BilledRequest, state: StreamState) -> bool:
+    """Whether to checkpoint the stream now: GATEWAY_CHECKPOINT_TOKENS content events (about a
+    token each, on both providers' streams) or GATEWAY_CHECKPOINT_SECONDS since the last one,
+    with something new relayed, and none still in flight. Costs a length and a clock read per
+    relayed write; a long stream pays one engine call per checkpoint."""
+    pending = len(state.unparsed)  # content events relayed since the last checkpoint parsed them
+    if not pending or (billed.checkpoint is not None and not billed.checkpoint.done()):
+        return False
+    now = time.monotonic()
+    if not billed.checkpointed:
+        billed.checkpointed = billed.started
+    return (
+        pending >= settings.GATEWAY_CHECKPOINT_TOKENS
+        or now - billed.checkpointed >= settings.GATEWAY_CHECKPOINT_SECONDS
+    )
+
+
+async def _checkpoint(billed: BilledRequest, state: StreamState) -> None:
+    """Record what the stream relayed so far on its hold, within the step deadline: if this
+    process dies before settling, the sweep charges it at expiry. A failure only costs the
+    checkpoint; the settle still decides."""
+    billed.checkpointed = time.monotonic()
+    texts = state.generated_texts()  # parses only the events relayed since the last time
+    billed.counted_tokens += sum(text_tokens(text) for text in texts[billed.counted_texts :])
+    billed.counted_texts = len(texts)
+    reported = state.reported_usage()
+    prompt = reported if reported is not None and reported.prompt_tokens else None
+    usage = Usage(
+        input_tokens=prompt.input_tokens if prompt else billed.prompt_tokens,
+        cached_input_tokens=prompt.cached_input_tokens if prompt else 0,
+        cache_write_tokens=prompt.cache_write_tokens if prompt else 0,
+        output_tokens=billed.counted_tokens,
+        estimated=True,
+    )
+    try:
+        await _within_step_deadline(
+            hold_checkpoint_async(
+                request_id=billed.request_id,
+                cost=billed.price.cost(usage),
+                usage=usage,
+                details=billed.details("checkpoint"),
+                now=timezone.now(),
+            )
+        )
+    except (psycopg.Error, TimeoutError) as exc:
+        logger.info("checkpoint of %s skipped: %s", billed.request_id, type(exc).__name__)
 
 
 async def _settle_protected(

@@ -17,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS
+from psycopg.types.json import Jsonb
 
 from billing.engine import Rows, engine_call, sql_rows, sql_rows_async
 from billing.errors import (
@@ -103,13 +104,16 @@ HOLD_RESULT_COLUMNS = (
     "settled_amount",
     "is_overrun",
     "is_late",
+    "checkpoint_cost",
+    "checkpoint_usage",
+    "checkpoint_at",
     "transaction_id",
 )
 _HOLD_FIELDS = tuple(field.attname for field in Hold._meta.concrete_fields)
 # A field added to or renamed in Hold must be returned by the engine too (and this fails at
 # import, not at the first settle in production).
 assert set(_HOLD_FIELDS) == set(HOLD_RESULT_COLUMNS), "billing_engine.hold_result is out of date"
-_MONEY_COLUMNS = frozenset({"amount", "settled_amount"})
+_MONEY_COLUMNS = frozenset({"amount", "settled_amount", "checkpoint_cost"})
 
 
 @dataclass(frozen=True)
@@ -450,3 +454,24 @@ def request_write_off_post(
     if outcome.result == "written_off":
         return RequestPosting(transaction_id=outcome.transaction_id, posted=True)
     raise _refusal(outcome, request_id=request_id)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+_HOLD_CHECKPOINT_SQL = engine_call("hold_checkpoint", ["request_id", "cost", "usage", "now"])
+
+
+async def hold_checkpoint_async(
+    *, request_id: str, cost: Decimal, usage: Usage, details: RequestDetails, now: datetime
+) -> bool:
+    """Record on the active hold what the stream has relayed so far and what it costs: if the
+    gateway dies before it settles, the sweep charges this when the hold expires. False when
+    the hold is no longer active (the settle got there first)."""
+    params = {
+        "request_id": request_id,
+        "cost": to_units(cost),
+        "usage": Jsonb({**usage.to_dict(), **details.to_dict()}),
+        "now": now,
+    }
+    [(marked,)] = await sql_rows_async(_HOLD_CHECKPOINT_SQL, params)
+    return bool(marked)

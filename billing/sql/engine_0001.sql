@@ -36,6 +36,9 @@ CREATE TYPE billing_engine.hold_result AS (
     settled_amount bigint,
     is_overrun boolean,
     is_late boolean,
+    checkpoint_cost bigint,
+    checkpoint_usage jsonb,
+    checkpoint_at timestamptz,
     transaction_id bigint
 );
 
@@ -44,7 +47,8 @@ CREATE FUNCTION billing_engine.hold_out(
 ) RETURNS billing_engine.hold_result LANGUAGE sql IMMUTABLE AS $$
     SELECT p_result, p_detail, p_charged, h.id, h.request_id, h.account_id, h.api_key_id,
            h.model_alias, h.amount, h.budgeted, h.state, h.created_at, h.expires_at,
-           h.resolved_at, h.settled_amount, h.is_overrun, h.is_late, h.transaction_id
+           h.resolved_at, h.settled_amount, h.is_overrun, h.is_late, h.checkpoint_cost,
+           h.checkpoint_usage, h.checkpoint_at, h.transaction_id
 $$;
 
 -- The wire format of an amount: a plain decimal with all ten places (billing.money.money_str).
@@ -137,9 +141,28 @@ BEGIN
 END;
 $$;
 
+-- What a refund may still return to a customer account: the usage charged to it plus its
+-- purchases, less the refunds already posted to it, never below zero. A reversal counts as the
+-- kind it reverses (a reversed usage was not charged, a reversed refund returned nothing);
+-- grants, adjustments and anything else do not count.
+CREATE FUNCTION billing_engine.account_refundable(p_account_id bigint) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT GREATEST(COALESCE(sum(CASE COALESCE(reversed.kind, t.kind)
+        WHEN 'purchase' THEN l.amount
+        ELSE -l.amount  -- usage debits the customer; a refund credits it
+    END), 0), 0)::bigint
+    FROM billing_ledgerleg AS l
+    JOIN billing_ledgertransaction AS t ON t.id = l.transaction_id
+    LEFT JOIN billing_ledgertransaction AS reversed ON reversed.id = t.reverses_id
+    WHERE l.account_id = p_account_id
+      AND COALESCE(reversed.kind, t.kind) IN ('usage', 'purchase', 'refund')
+$$;
+
 -- A posting from its legs (grants, purchases, refunds, adjustments, reversals): 'posted',
 -- 'replayed' (the same key with the same content), 'conflict' (the same key, other content),
--- 'already_reversed', 'unbalanced' or 'account_missing' (a leg names no customer account).
+-- 'already_reversed', 'unbalanced', 'account_missing' (a leg names no customer account) or
+-- 'refund_exceeds_paid' (a refund beyond billing_engine.account_refundable; o_transaction_id
+-- then carries the refundable units instead of an id).
 CREATE FUNCTION billing_engine.ledger_post(
     p_kind text, p_idempotency_key text, p_account_ids bigint[], p_amounts bigint[],
     p_occurred_at timestamptz, p_now timestamptz, p_request_id text, p_memo text,
@@ -148,6 +171,7 @@ CREATE FUNCTION billing_engine.ledger_post(
 DECLARE
     v_id bigint;
     v_existing record;
+    v_refund record;
 BEGIN
     IF cardinality(p_account_ids) < 2 OR cardinality(p_account_ids) <> cardinality(p_amounts)
         OR 0 = ANY(p_amounts)
@@ -163,6 +187,33 @@ BEGIN
     ) THEN
         RETURN QUERY SELECT 'account_missing'::text, NULL::bigint;
         RETURN;
+    END IF;
+    -- A refund returns at most what the customer was charged or paid. Its customer's row is
+    -- locked first (a refund's one customer account, before any row is written: the lock order
+    -- holds), so a concurrent refund waits here and then sees this one's legs. A replay (its
+    -- key already posted, seen once the lock is ours) is not bounded again: it posts nothing.
+    IF p_kind = 'refund' THEN
+        PERFORM 1 FROM billing_account AS a
+        WHERE a.id IN (SELECT leg.account_id FROM unnest(p_account_ids) AS leg(account_id)
+                       WHERE leg.account_id > 0)
+        ORDER BY a.id
+        FOR UPDATE;
+        IF NOT EXISTS (SELECT 1 FROM billing_ledgertransaction AS t
+                       WHERE t.idempotency_key = p_idempotency_key) THEN
+            SELECT refund.units, billing_engine.account_refundable(refund.account_id) AS refundable
+            INTO v_refund
+            FROM (SELECT leg.account_id, sum(leg.units) AS units
+                  FROM unnest(p_account_ids, p_amounts) AS leg(account_id, units)
+                  WHERE leg.account_id > 0
+                  GROUP BY leg.account_id) AS refund
+            WHERE refund.units > billing_engine.account_refundable(refund.account_id)
+            ORDER BY refund.account_id
+            LIMIT 1;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'refund_exceeds_paid'::text, v_refund.refundable;
+                RETURN;
+            END IF;
+        END IF;
     END IF;
     v_id := billing_engine.posting_write(p_kind, p_idempotency_key, p_account_ids, p_amounts,
         p_occurred_at, p_now, p_request_id, p_memo, p_posted_by, p_reverses_id, '', false, false,
@@ -558,6 +609,21 @@ BEGIN
 END;
 $$;
 
+-- Record the usage a stream has relayed so far on its active hold (the gateway calls this every
+-- few seconds and few hundred tokens): if the gateway dies before settling, the sweep charges it
+-- when the hold expires. A hold no longer active is left alone (the settle got there first).
+CREATE FUNCTION billing_engine.hold_checkpoint(
+    p_request_id text, p_cost bigint, p_usage jsonb, p_now timestamptz
+) RETURNS boolean LANGUAGE sql AS $$
+    WITH marked AS (
+        UPDATE billing_hold
+        SET checkpoint_cost = p_cost, checkpoint_usage = p_usage, checkpoint_at = p_now
+        WHERE request_id = p_request_id AND state = 'active'
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM marked)
+$$;
+
 -- Expire one batch of the holds due at p_now (never one before its time), starting after the
 -- previous batch's (expires_at, id): the partial index still holds the entries of holds expired
 -- moments ago (until vacuum), and rescanning them from the start every batch made the sweep
@@ -565,26 +631,32 @@ $$;
 -- accounts are locked in id order, so concurrent sweeps cannot deadlock; SUM(bigint) is
 -- numeric, so the subtraction stays exact. The update finds the batch by primary key (= ANY of
 -- the locked ids): a join with the CTE let the planner hash the whole hold table every batch.
+-- A hold with a checkpoint (its gateway died mid-stream) is then charged what it last
+-- checkpointed, flagged late, with an estimated usage record: `charged` says so.
 CREATE FUNCTION billing_engine.holds_expire_batch(
     p_now timestamptz, p_limit integer, p_after_at timestamptz, p_after_id bigint
 ) RETURNS TABLE (id bigint, request_id varchar, account_id bigint, api_key_id bigint,
                  model_alias varchar, amount bigint, expires_at timestamptz,
-                 transaction_id bigint)
-LANGUAGE sql AS $$
+                 transaction_id bigint, charged bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids bigint[];
+    v_checkpointed bigint[];
+    h billing_hold;
+BEGIN
     WITH due AS (
-        SELECT h.id FROM billing_hold AS h
-        WHERE h.state = 'active' AND h.expires_at <= p_now
-          AND (h.expires_at, h.id) > (p_after_at, p_after_id)
-        ORDER BY h.expires_at, h.id
+        SELECT d.id FROM billing_hold AS d
+        WHERE d.state = 'active' AND d.expires_at <= p_now
+          AND (d.expires_at, d.id) > (p_after_at, p_after_id)
+        ORDER BY d.expires_at, d.id
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
     ), expired AS (
-        UPDATE billing_hold AS h SET state = 'expired', resolved_at = p_now
-        WHERE h.id = ANY(ARRAY(SELECT due.id FROM due))
-        RETURNING h.id, h.request_id, h.account_id, h.api_key_id, h.model_alias, h.amount,
-                  h.expires_at, h.transaction_id, h.budgeted
+        UPDATE billing_hold AS e SET state = 'expired', resolved_at = p_now
+        WHERE e.id = ANY(ARRAY(SELECT due.id FROM due))
+        RETURNING e.id, e.account_id, e.api_key_id, e.amount, e.budgeted, e.checkpoint_cost
     ), per_account AS (
-        SELECT e.account_id, SUM(e.amount) AS total FROM expired AS e GROUP BY e.account_id
+        SELECT x.account_id, SUM(x.amount) AS total FROM expired AS x GROUP BY x.account_id
     ), locked AS (
         SELECT a.id FROM billing_account AS a
         WHERE a.id IN (SELECT p.account_id FROM per_account AS p)
@@ -594,16 +666,43 @@ LANGUAGE sql AS $$
         FROM per_account AS p, locked AS l WHERE a.id = p.account_id AND l.id = a.id
         RETURNING a.id
     ), per_key AS (
-        SELECT e.api_key_id, SUM(e.amount) AS total FROM expired AS e
-        WHERE e.budgeted AND e.api_key_id IS NOT NULL GROUP BY e.api_key_id
+        SELECT x.api_key_id, SUM(x.amount) AS total FROM expired AS x
+        WHERE x.budgeted AND x.api_key_id IS NOT NULL GROUP BY x.api_key_id
     ), keys AS (
         UPDATE billing_apikey AS k SET budget_held = k.budget_held - p.total
         FROM per_key AS p WHERE k.id = p.api_key_id
         RETURNING k.id
     )
-    SELECT e.id, e.request_id, e.account_id, e.api_key_id, e.model_alias, e.amount,
-           e.expires_at, e.transaction_id
-    FROM expired AS e
+    SELECT array_agg(x.id),
+           array_agg(x.id) FILTER (WHERE x.checkpoint_cost > 0)
+    INTO v_ids, v_checkpointed
+    FROM expired AS x;
+
+    FOR h IN SELECT * FROM billing_hold AS c WHERE c.id = ANY(v_checkpointed) ORDER BY c.id LOOP
+        h := billing_engine.hold_charge(
+            h, h.checkpoint_cost, p_now, 'charged from the last checkpoint', NULL);
+        IF h IS NOT NULL THEN
+            PERFORM billing_engine.usage_record_write(h, 'settled', h.settled_amount, p_now,
+                COALESCE((h.checkpoint_usage->>'input_tokens')::integer, 0),
+                COALESCE((h.checkpoint_usage->>'cached_input_tokens')::integer, 0),
+                COALESCE((h.checkpoint_usage->>'cache_write_tokens')::integer, 0),
+                COALESCE((h.checkpoint_usage->>'output_tokens')::integer, 0),
+                COALESCE((h.checkpoint_usage->>'reasoning_tokens')::integer, 0),
+                true,
+                COALESCE(h.checkpoint_usage->>'endpoint', ''),
+                COALESCE((h.checkpoint_usage->>'stream')::boolean, true),
+                'gateway_lost',
+                COALESCE((h.checkpoint_usage->>'started_at')::timestamptz, h.created_at),
+                NULL, NULL);
+        END IF;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT r.id, r.request_id, r.account_id, r.api_key_id, r.model_alias, r.amount,
+               r.expires_at, r.transaction_id,
+               CASE WHEN r.id = ANY(v_checkpointed) THEN r.settled_amount END
+        FROM billing_hold AS r WHERE r.id = ANY(v_ids);
+END;
 $$;
 
 -- Roll every key whose budget period has ended into the current one: spent goes to zero, held

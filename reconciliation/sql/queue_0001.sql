@@ -14,14 +14,25 @@ LANGUAGE sql AS $$
     WITH expired AS MATERIALIZED (
         SELECT * FROM billing_engine.holds_expire_batch(p_now, p_limit, p_after_at, p_after_id)
     ), queued AS (
+        -- An uncharged hold waits for finance; one the sweep charged from its checkpoint is
+        -- recorded as resolved, so the queue shows what was charged and why.
         INSERT INTO reconciliation_reconciliationitem
             (kind, status, request_id, account_id, key_prefix, model_alias, usage, details,
-             cost, held_amount, error, attempts, created_at, resolution_memo)
-        SELECT 'expired_hold', 'pending', e.request_id, e.account_id, COALESCE(k.prefix, ''),
-               e.model_alias, '{}'::jsonb, jsonb_build_object('expires_at', e.expires_at),
-               NULL, e.amount, '', 0, p_now, ''
+             cost, held_amount, error, attempts, created_at, resolved_at, resolution_memo,
+             transaction_id)
+        SELECT 'expired_hold',
+               CASE WHEN e.charged IS NULL THEN 'pending' ELSE 'resolved' END,
+               e.request_id, e.account_id, COALESCE(k.prefix, ''), e.model_alias, '{}'::jsonb,
+               jsonb_build_object('expires_at', e.expires_at,
+                                  'charged_from_checkpoint', e.charged IS NOT NULL),
+               e.charged, e.amount, '', 0, p_now,
+               CASE WHEN e.charged IS NOT NULL THEN p_now END,
+               CASE WHEN e.charged IS NULL THEN ''
+                    ELSE 'charged from the last checkpoint of a gateway that died mid-stream '
+                         '(estimated usage, posted late)' END,
+               CASE WHEN e.charged IS NOT NULL THEN e.transaction_id END
         FROM expired AS e LEFT JOIN billing_apikey AS k ON k.id = e.api_key_id
-        WHERE e.transaction_id IS NULL
+        WHERE e.transaction_id IS NULL OR e.charged IS NOT NULL
         ON CONFLICT DO NOTHING
         RETURNING 1
     ), last AS (
