@@ -1,39 +1,70 @@
-"""The one-statement settle (PostgreSQL, key without a budget) and the general ORM path (a key
-with a budget takes it) must leave identical money, hold, ledger and usage rows."""
+"""The settle, as the engine writes it: one call of billing_engine.hold_settle, which leaves
+exactly these money, hold, ledger and usage rows (a key with a budget the same ones, plus its
+budget figures), replays and refuses in the same statement, and is prepared once per
+connection."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import psycopg
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from billing.errors import IdempotencyConflict, InsufficientFunds
-from billing.models import Account, ApiKey, Hold, LedgerTransaction, UsageRecord
+from billing import services
+from billing.errors import (
+    HoldAlreadyResolved,
+    HoldNotFound,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+)
+from billing.models import SYSTEM_ACCOUNT_IDS, Account, ApiKey, Hold, LedgerTransaction, UsageRecord
 from billing.pricing import Usage
 from billing.selectors import ledger_audit
-from billing.services.holds import RequestDetails, hold_place, hold_settle
-from billing.services.ledger import Leg, Posting
-from tests.factories import make_account, make_key
+from billing.services.holds import RequestDetails, hold_place, hold_release, hold_settle
+from tests.billing.test_engine import legacy_posting_hash
+from tests.factories import make_account, make_key, request_key
 
 pytestmark = pytest.mark.django_db
 
 D = Decimal
 TTL = 60
+REVENUE = SYSTEM_ACCOUNT_IDS[Account.Kind.REVENUE]
+USAGE = Usage(input_tokens=11, cached_input_tokens=3, output_tokens=7, reasoning_tokens=2)
+
+
+def _details(now: datetime) -> RequestDetails:
+    return RequestDetails(
+        endpoint="chat.completions",
+        started_at=now,
+        stream=True,
+        outcome="completed",
+        first_byte_ms=12,
+        duration_ms=345,
+    )
+
+
+@pytest.fixture
+def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The engine statements the hold services run (each is one round trip)."""
+    calls: list[str] = []
+    real = services.holds.sql_rows
+
+    def counted(statement: str, params: Any) -> Any:
+        calls.append(statement)
+        return real(statement, params)
+
+    monkeypatch.setattr(services.holds, "sql_rows", counted)
+    return calls
 
 
 def _settle_on(
-    *,
-    budgeted: bool,
-    request_id: str,
-    cost: str,
-    settle_after: int,
-    now: datetime,
-    account_hint: str = "none",
+    *, budgeted: bool, request_id: str, cost: str, settle_after: int, now: datetime
 ) -> tuple[Account, ApiKey, Any, int]:
     """Returns (account, key, settle result, ORM queries the settle ran)."""
     account = make_account(credits=D("10"), now=now)
@@ -49,32 +80,21 @@ def _settle_on(
         model_alias="gpt-test",
         ttl_seconds=TTL,
     )
-    settled_at = now + timedelta(seconds=settle_after)
-    hints = {"none": None, "right": account.pk, "wrong": account.pk + 10_000}
     with CaptureQueriesContext(connection) as orm_queries:
         result = hold_settle(
-            account_id=hints[account_hint],
             request_id=request_id,
             cost=D(cost),
-            now=settled_at,
-            usage=Usage(
-                input_tokens=11, cached_input_tokens=3, output_tokens=7, reasoning_tokens=2
-            ),
-            details=RequestDetails(
-                endpoint="chat.completions",
-                started_at=now,
-                stream=True,
-                outcome="completed",
-                first_byte_ms=12,
-                duration_ms=345,
-            ),
+            now=now + timedelta(seconds=settle_after),
+            usage=USAGE,
+            details=_details(now),
         )
-    # The one statement runs on a psycopg cursor (billing/sql.py), unseen by the ORM.
+    # The engine call runs on a psycopg cursor (billing/engine.py), unseen by the ORM.
     statements = [q for q in orm_queries if "SAVEPOINT" not in q["sql"]]
     return account, key, result, len(statements)
 
 
 def _rows(account: Account, request_id: str) -> dict[str, Any]:
+    """What a settle wrote, with the ids that differ between two accounts taken out."""
     account.refresh_from_db()
     hold = Hold.objects.get(request_id=request_id)
     txn = LedgerTransaction.objects.filter(request_id=request_id).first()
@@ -99,16 +119,13 @@ def _rows(account: Account, request_id: str) -> dict[str, Any]:
         "transaction": None,
     }
     if txn is not None:
-        expected_hash = Posting(
-            kind=txn.kind,
-            legs=[Leg(account_id=leg.account_id, amount=leg.amount) for leg in txn.legs.all()],
-            idempotency_key=txn.idempotency_key,
-            occurred_at=txn.occurred_at,
-            request_id=request_id,
-        ).content_hash
+        legs = [(leg.account_id, leg.amount) for leg in txn.legs.all()]
+        expected_hash = legacy_posting_hash(
+            kind=txn.kind, legs=legs, request_id=request_id, reverses=None
+        )
         rows["transaction"] = (
             txn.kind,
-            txn.idempotency_key == f"request:{request_id}",
+            txn.idempotency_key == request_key(request_id),
             txn.content_hash == expected_hash,
             txn.occurred_at,
             txn.posted_at,
@@ -118,11 +135,55 @@ def _rows(account: Account, request_id: str) -> dict[str, Any]:
             txn.is_overrun,
             txn.is_late,
             sorted(
-                ("customer" if leg.account_id == account.pk else str(leg.account_id), leg.amount)
-                for leg in txn.legs.all()
+                ("customer" if account_id == account.pk else str(account_id), amount)
+                for account_id, amount in legs
             ),
         )
     return rows
+
+
+def _expected_rows(*, cost: str, settle_after: int, now: datetime) -> dict[str, Any]:
+    settled_at = now + timedelta(seconds=settle_after)
+    charged = D(cost)
+    overrun, late = charged > 2, settle_after >= TTL
+    return {
+        "balance": D(10) - charged,
+        "held": D(0),
+        "hold": (Hold.State.SETTLED, settled_at, charged, overrun, late, True),
+        "usage_record": {
+            "model_alias": "gpt-test",
+            "endpoint": "chat.completions",
+            "stream": True,
+            "input_tokens": 11,
+            "cached_input_tokens": 3,
+            "cache_write_tokens": 0,
+            "output_tokens": 7,
+            "reasoning_tokens": 2,
+            "estimated": False,
+            "cost": charged,
+            "status": UsageRecord.Status.SETTLED,
+            "outcome": "completed",
+            "started_at": now,
+            "first_byte_ms": 12,
+            "duration_ms": 345,
+            "created_at": settled_at,
+        },
+        "transaction": None
+        if charged == 0
+        else (
+            LedgerTransaction.Kind.USAGE,
+            True,  # the request's one key
+            True,  # the content hash the Python services computed
+            now,  # occurred when the hold was placed
+            settled_at,
+            "gpt-test",
+            "",
+            None,
+            overrun,
+            late,
+            sorted([("customer", -charged), (str(REVENUE), charged)]),
+        ),
+    }
 
 
 @pytest.mark.parametrize(
@@ -134,53 +195,81 @@ def _rows(account: Account, request_id: str) -> dict[str, Any]:
         ("0.75", TTL + 1),  # past expiry but not yet swept: flagged late
     ],
 )
-@pytest.mark.parametrize("account_hint", ["none", "right", "wrong"])
-def test_one_statement_settle_matches_the_general_path(
-    now: datetime, cost: str, settle_after: int, account_hint: str
+def test_a_settle_writes_exactly_its_rows_with_or_without_a_budget(
+    now: datetime, cost: str, settle_after: int, engine_calls: list[str]
 ) -> None:
-    # A wrong account hint makes the one statement match nothing: the general path settles.
-    fast_account, _, fast, fast_orm_queries = _settle_on(
-        budgeted=False,
-        request_id="fast",
-        cost=cost,
-        settle_after=settle_after,
-        now=now,
-        account_hint=account_hint,
+    plain_account, _, plain, plain_orm_queries = _settle_on(
+        budgeted=False, request_id="plain", cost=cost, settle_after=settle_after, now=now
     )
-    general_account, general_key, general, _ = _settle_on(
-        budgeted=True, request_id="general", cost=cost, settle_after=settle_after, now=now
+    budgeted_account, budgeted_key, budgeted, budgeted_orm_queries = _settle_on(
+        budgeted=True, request_id="budgeted", cost=cost, settle_after=settle_after, now=now
     )
 
-    assert _rows(fast_account, "fast") == _rows(general_account, "general")
-    assert (fast.cost, fast.is_overrun, fast.is_late, fast.replayed) == (
-        general.cost,
-        general.is_overrun,
-        general.is_late,
-        general.replayed,
-    )
-    assert (fast.transaction_id is None) == (D(cost) == 0)
-    if account_hint == "wrong":
-        assert fast_orm_queries > 1  # the general path
-    else:
-        # The one statement (after a raw account lookup when the caller gave no hint).
-        assert fast_orm_queries == 0
-    general_key.refresh_from_db()
-    assert general_key.budget_held == 0 and general_key.budget_spent == D(cost)
+    expected = _expected_rows(cost=cost, settle_after=settle_after, now=now)
+    assert _rows(plain_account, "plain") == expected
+    assert _rows(budgeted_account, "budgeted") == expected
+    for result in (plain, budgeted):
+        assert (result.cost, result.is_overrun, result.is_late, result.replayed) == (
+            D(cost),
+            D(cost) > 2,
+            settle_after >= TTL,
+            False,
+        )
+        assert (result.transaction_id is None) == (D(cost) == 0)
+    # One engine call each (a place and a settle per key), and no ORM query in the settle.
+    assert [call.split("(")[0] for call in engine_calls] == [
+        "SELECT * FROM billing_engine.hold_place",
+        "SELECT * FROM billing_engine.hold_settle",
+    ] * 2
+    assert (plain_orm_queries, budgeted_orm_queries) == (0, 0)
+    budgeted_key.refresh_from_db()
+    assert budgeted_key.budget_held == 0 and budgeted_key.budget_spent == D(cost)
     assert ledger_audit().clean
 
 
-def test_one_statement_settle_replays_and_conflicts_like_the_general_path(now: datetime) -> None:
+def test_a_settle_replays_and_refuses_in_its_one_statement(
+    now: datetime, engine_calls: list[str]
+) -> None:
     account, _, first, _ = _settle_on(
         budgeted=False, request_id="r1", cost="0.75", settle_after=5, now=now
     )
+    written = _rows(account, "r1")
+    engine_calls.clear()
+
     again = hold_settle(request_id="r1", cost=D("0.75"), now=now + timedelta(seconds=9))
     assert again.replayed and again.transaction_id == first.transaction_id
+    assert (again.cost, again.hold.settled_amount) == (D("0.75"), D("0.75"))
+    with pytest.raises(IdempotencyConflict) as conflict:
+        hold_settle(request_id="r1", cost=D("0.5"), now=now + timedelta(seconds=9))
+    assert conflict.value.charged == D("0.75")  # what the customer was actually charged
+    with pytest.raises(HoldNotFound):
+        hold_settle(request_id="never-held", cost=D("0.5"), now=now)
+    with pytest.raises(InvalidAmount):
+        hold_settle(request_id="r1", cost=D("-0.5"), now=now)
+
+    assert len(engine_calls) == 3  # the negative cost never reached the engine
+    assert _rows(account, "r1") == written  # the settle's rows exactly, and nothing else
     assert LedgerTransaction.objects.filter(request_id="r1").count() == 1
+    assert not UsageRecord.objects.filter(request_id="never-held").exists()
+    assert ledger_audit().clean
+
+
+def test_a_settle_of_a_released_hold_charges_nothing(
+    account: Account, issued_key: Any, now: datetime
+) -> None:
+    hold_place(api_key=issued_key.api_key, request_id="r1", amount=D(1), now=now)
+    hold_release(request_id="r1", now=now)
+    with pytest.raises(HoldAlreadyResolved) as refused:
+        hold_settle(request_id="r1", cost=D("0.5"), now=now, usage=USAGE, details=_details(now))
+    assert (refused.value.state, refused.value.charged) == ("released", D(0))
+    assert not LedgerTransaction.objects.filter(request_id="r1").exists()
+    assert not UsageRecord.objects.filter(request_id="r1").exists()
+    assert Hold.objects.get(request_id="r1").state == Hold.State.RELEASED
     account.refresh_from_db()
-    assert (account.balance, account.held) == (D("9.25"), D(0))
+    assert (account.balance, account.held) == (D(10), D(0))
 
 
-def test_one_statement_settle_writes_null_timings_and_skips_the_record_without_details(
+def test_a_settle_writes_null_timings_and_skips_the_record_without_details(
     account: Account, issued_key: Any, now: datetime
 ) -> None:
     key = issued_key.api_key
@@ -209,9 +298,9 @@ def test_one_statement_settle_writes_null_timings_and_skips_the_record_without_d
 
 
 @pytest.mark.django_db(transaction=True)
-def test_one_statement_steps_in_autocommit_write_all_or_nothing(now: datetime) -> None:
-    """Outside any transaction (as in the gateway) each one-statement step is its own
-    transaction: a refused hold leaves nothing, a replay returns the original."""
+def test_engine_calls_in_autocommit_write_all_or_nothing(now: datetime) -> None:
+    """Outside any transaction (as in the gateway) each engine call is its own transaction:
+    a refused hold leaves nothing, a replay returns the original."""
     account = make_account(credits=D("1"), now=now)
     key = make_key(account=account, now=now).api_key
     assert not connection.in_atomic_block
@@ -222,8 +311,8 @@ def test_one_statement_steps_in_autocommit_write_all_or_nothing(now: datetime) -
     again = hold_place(api_key=key, request_id="r1", amount=D("0.6"), now=now)
     with pytest.raises(IdempotencyConflict):
         hold_place(api_key=key, request_id="r1", amount=D("0.7"), now=now)
-    settled = hold_settle(request_id="r1", cost=D("0.25"), now=now, account_id=account.pk)
-    replayed = hold_settle(request_id="r1", cost=D("0.25"), now=now, account_id=account.pk)
+    settled = hold_settle(request_id="r1", cost=D("0.25"), now=now)
+    replayed = hold_settle(request_id="r1", cost=D("0.25"), now=now)
 
     assert again.pk == first.pk
     assert not Hold.objects.filter(request_id="too-big").exists()
@@ -243,18 +332,22 @@ def test_hot_statements_are_prepared_once_per_connection(
     key = issued_key.api_key
     for n in range(3):
         hold_place(api_key=key, request_id=f"p{n}", amount=D("0.1"), now=now, ttl_seconds=TTL)
-        hold_settle(request_id=f"p{n}", cost=D("0.01"), now=now, account_id=account.pk)
+        hold_settle(request_id=f"p{n}", cost=D("0.01"), now=now)
+        hold_place(api_key=key, request_id=f"q{n}", amount=D("0.1"), now=now, ttl_seconds=TTL)
+        hold_release(request_id=f"q{n}", now=now)
 
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT statement FROM pg_prepared_statements WHERE NOT from_sql ORDER BY name"
+            "SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements"
+            " WHERE NOT from_sql"
         )
-        prepared = [row[0] for row in cursor.fetchall()]
-    assert len([s for s in prepared if "INSERT INTO billing_hold" in s]) == 1
-    assert len([s for s in prepared if "INSERT INTO billing_ledgertransaction" in s]) == 1
+        prepared = cursor.fetchall()
+    for function, runs in [("hold_place", 6), ("hold_settle", 3), ("hold_release", 3)]:
+        [(_, executions)] = [row for row in prepared if f"billing_engine.{function}(" in row[0]]
+        assert executions >= runs  # earlier tests on this connection ran it too
 
 
-def test_the_holds_the_one_statements_return_are_the_rows_they_wrote(now: datetime) -> None:
+def test_the_holds_the_engine_returns_are_the_rows_it_wrote(now: datetime) -> None:
     account = make_account(credits=D("10"), now=now)
     key = make_key(account=account, now=now).api_key
     columns = [field.attname for field in Hold._meta.concrete_fields]
@@ -265,30 +358,68 @@ def test_the_holds_the_one_statements_return_are_the_rows_they_wrote(now: dateti
     placed = hold_place(api_key=key, request_id="r1", amount=D("2"), now=now, ttl_seconds=TTL)
     with CaptureQueriesContext(connection) as queries:
         placed_row, placed_key = row(placed), placed.api_key
-    assert len(queries) == 0  # built from the statement's own row: nothing deferred
+    assert len(queries) == 0  # built from the engine's own row: nothing deferred
     assert placed_row == row(Hold.objects.get(request_id="r1"))
     assert placed_key is key and not placed._state.adding
-    settled = hold_settle(
-        request_id="r1", account_id=account.pk, cost=D("0.5"), now=now, usage=Usage()
-    ).hold
+    settled = hold_settle(request_id="r1", cost=D("0.5"), now=now, usage=Usage()).hold
     assert row(settled) == row(Hold.objects.get(request_id="r1"))
     assert settled.state == Hold.State.SETTLED and settled.transaction_id is not None
+    hold_place(api_key=key, request_id="r2", amount=D("1"), now=now, ttl_seconds=TTL)
+    released = hold_release(request_id="r2", now=now)
+    assert row(released) == row(Hold.objects.get(request_id="r2"))
+    assert released.state == Hold.State.RELEASED
 
 
-def _hold_rows_filtered_out(plan: dict[str, Any]) -> int:
-    """Rows of billing_hold a plan's scans read and then discarded, over the whole plan."""
-    is_hold = plan.get("Relation Name") == "billing_hold"
-    own = plan.get("Rows Removed by Filter", 0) if is_hold else 0
-    return own + sum(_hold_rows_filtered_out(child) for child in plan.get("Plans", []))
+# --- what the settle reads -----------------------------------------------------------------------
 
 
-def test_the_one_statement_settle_reads_only_its_own_hold(now: datetime) -> None:
+@pytest.fixture
+def nested_plans() -> Iterator[list[dict[str, Any]]]:
+    """The plan, with actual rows, of every statement run inside the engine's functions while
+    the test runs (auto_explain, sent to this session as notices; undone with the test's
+    transaction)."""
+    plans: list[dict[str, Any]] = []
+
+    def collect(diagnostic: Any) -> None:
+        message = diagnostic.message_primary or ""
+        if "plan:" in message:
+            plans.append(json.loads(message.split("plan:", 1)[1]))
+
+    with connection.cursor() as cursor:
+        cursor.execute("LOAD 'auto_explain'")
+        for name, value in [
+            ("log_min_duration", "0"),
+            ("log_nested_statements", "on"),
+            ("log_analyze", "on"),
+            ("log_format", "json"),
+            ("log_level", "notice"),
+        ]:
+            cursor.execute(f"SET LOCAL auto_explain.{name} = '{value}'")
+    pg = connection.connection
+    pg.add_notice_handler(collect)
+    try:
+        yield plans
+    finally:
+        pg.remove_notice_handler(collect)
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL auto_explain.log_min_duration = -1")
+
+
+def _hold_scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if plan.get("Relation Name") == "billing_hold":
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _hold_scans(child)
+
+
+@pytest.mark.parametrize("step", ["settle", "release"])
+def test_a_settle_or_release_reads_only_its_own_hold(
+    now: datetime, nested_plans: list[dict[str, Any]], step: str
+) -> None:
     """However many holds the account has active. With the statistics of a working system
-    (active holds rare, each account's few), the settle's lock walked the account's
+    (active holds rare, each account's few), the old settle's lock walked the account's
     (account_id, state) index, reading every active hold of the account: a cost that grew with
     the customer's concurrency (here 300 requests in flight on one account)."""
-    from billing.services.holds import _SETTLE_SQL, _settle_params
-
     account = make_account(credits=D("100"), now=now)
     key = make_key(account=account, now=now).api_key
     for i in range(300):
@@ -300,18 +431,18 @@ def test_the_one_statement_settle_reads_only_its_own_hold(now: datetime) -> None
         cursor.execute("ANALYZE billing_hold")  # what autovacuum would have seen
     for i in range(300):
         hold_place(api_key=key, request_id=f"busy-{i}", amount=D("0.01"), now=now, ttl_seconds=TTL)
-    params = _settle_params(
-        request_id="busy-150",
-        account_id=account.pk,
-        cost=D("0.005"),
-        now=now,
-        usage=Usage(input_tokens=1, output_tokens=1),
-        details=None,
-    )
-    # Bound on the server, as billing/sql.py runs it.
-    with psycopg.Cursor(connection.connection) as server_bound:
-        server_bound.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + _SETTLE_SQL, params)
-        [[[explained]]] = server_bound.fetchall()
+    nested_plans.clear()
 
-    assert _hold_rows_filtered_out(explained["Plan"]) == 0
-    assert Hold.objects.get(request_id="busy-150").state == Hold.State.SETTLED
+    if step == "settle":
+        hold_settle(request_id="busy-150", cost=D("0.005"), now=now, usage=Usage(input_tokens=1))
+    else:
+        hold_release(request_id="busy-150", now=now)
+
+    scans = [scan for plan in nested_plans for scan in _hold_scans(plan["Plan"])]
+    assert scans, "auto_explain saw no statement on billing_hold"
+    for scan in scans:
+        assert scan["Node Type"] != "Seq Scan", scan
+        assert scan.get("Rows Removed by Filter", 0) == 0, scan
+        assert scan["Actual Rows"] <= 1, scan
+    expected = Hold.State.SETTLED if step == "settle" else Hold.State.RELEASED
+    assert Hold.objects.get(request_id="busy-150").state == expected
