@@ -1,7 +1,7 @@
 """The finance admin for the money core: read-only money, confirmed and recorded actions.
 
-Nothing here writes a billing row: money moves through reconciliation.services.finance (which
-records the staff action in the same transaction), keys through billing.services.keys.
+Nothing here writes a billing row: money moves and key revocations go through
+reconciliation.services.finance, which records the staff action in the same transaction.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, re_path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.http import urlencode
 
-from billing.errors import BillingError
+from billing.errors import BillingError, RefundExceedsPaid
 from billing.models import (
     SYSTEM_ACCOUNT_IDS,
     Account,
@@ -40,8 +41,7 @@ from billing.models import (
     UsageRecord,
 )
 from billing.money import MoneyField, money_str
-from billing.services.accounts import CREDIT_SOURCES
-from billing.services.keys import api_key_revoke
+from billing.services.accounts import CREDIT_SOURCES, account_refundable
 from billing.services.tariffs import tariff_set
 
 STATEMENT_PAGE_SIZE = 50
@@ -99,10 +99,20 @@ CREDIT_KIND_LABELS: dict[str, str] = {
     LedgerTransaction.Kind.REFUND: "Refund",
     LedgerTransaction.Kind.ADJUSTMENT: "Adjust (signed)",
 }
+# The admin permission (AccountAdmin.has_<name>_permission) each credit kind needs: adjustments
+# are signed and unbounded (a refund is bounded by what was paid), so they have their own.
+CREDIT_KIND_PERMISSIONS: dict[str, str] = {
+    LedgerTransaction.Kind.GRANT: "post_adjustment",
+    LedgerTransaction.Kind.PURCHASE: "post_adjustment",
+    LedgerTransaction.Kind.REFUND: "post_adjustment",
+    LedgerTransaction.Kind.ADJUSTMENT: "post_balance_adjustment",
+}
 
 
 def _credit_action(kind: str) -> Any:
-    @admin.action(permissions=["post_adjustment"], description=f"{CREDIT_KIND_LABELS[kind]}…")
+    @admin.action(
+        permissions=[CREDIT_KIND_PERMISSIONS[kind]], description=f"{CREDIT_KIND_LABELS[kind]}…"
+    )
     def action(modeladmin: AccountAdmin, request: HttpRequest, queryset: QuerySet[Account]) -> Any:
         accounts = list(queryset.filter(kind=Account.Kind.CUSTOMER).values_list("pk", flat=True))
         if len(accounts) != 1:
@@ -147,6 +157,21 @@ class AccountAdmin(ReadOnlyAdmin):
 
     def has_post_adjustment_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("billing.post_adjustment")
+
+    def has_post_balance_adjustment_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("billing.post_balance_adjustment")
+
+    def has_credit_permission(self, request: HttpRequest, kind: str) -> bool:
+        check = getattr(self, f"has_{CREDIT_KIND_PERMISSIONS[kind]}_permission")
+        return bool(check(request))
+
+    def _credit_kinds(self, request: HttpRequest) -> list[tuple[str, str]]:
+        """The credit buttons this user may use."""
+        return [
+            (kind, label)
+            for kind, label in CREDIT_KIND_LABELS.items()
+            if self.has_credit_permission(request, kind)
+        ]
 
     @admin.display(description="balance", ordering="balance")
     def balance_display(self, account: Account) -> str:
@@ -193,11 +218,7 @@ class AccountAdmin(ReadOnlyAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        extra = {
-            "credit_kinds": CREDIT_KIND_LABELS.items()
-            if self.has_post_adjustment_permission(request)
-            else [],
-        }
+        extra = {"credit_kinds": self._credit_kinds(request)}
         return super().change_view(request, object_id, form_url, {**(extra_context or {}), **extra})
 
     def _context(self, request: HttpRequest, title: str, **more: Any) -> dict[str, Any]:
@@ -244,9 +265,7 @@ class AccountAdmin(ReadOnlyAdmin):
                 ],
                 ledger_url=reverse("admin:billing_ledgertransaction_changelist")
                 + f"?account={account.pk}",
-                credit_kinds=CREDIT_KIND_LABELS.items()
-                if self.has_post_adjustment_permission(request) and not account.is_system
-                else [],
+                credit_kinds=self._credit_kinds(request) if not account.is_system else [],
             ),
         )
 
@@ -254,21 +273,29 @@ class AccountAdmin(ReadOnlyAdmin):
         # Import here: reconciliation depends on billing, never the other way at import time.
         from reconciliation.services.finance import credit_post_by_staff
 
-        if not self.has_post_adjustment_permission(request):
-            raise PermissionDenied
         if kind not in CREDIT_SOURCES:
             raise Http404("not a credit kind")
+        if not self.has_credit_permission(request, kind):
+            raise PermissionDenied
         account = Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).first()
         if account is None:
             raise Http404("no such customer account")
 
         stage = "edit"
         new_balance = None
+        # What a refund may return (the engine checks it again, under the account's lock).
+        refundable = (
+            account_refundable(account_id=account.pk)
+            if kind == LedgerTransaction.Kind.REFUND
+            else None
+        )
         if request.method == "POST":
             form = CreditForm(request.POST)
             if form.is_valid():
                 amount = form.cleaned_data["amount"]
-                if "confirm" in request.POST:
+                if refundable is not None and amount > refundable and "confirm" not in request.POST:
+                    form.add_error("amount", str(RefundExceedsPaid(refundable=refundable)))
+                elif "confirm" in request.POST:
                     try:
                         posted = credit_post_by_staff(
                             kind=kind,
@@ -281,6 +308,8 @@ class AccountAdmin(ReadOnlyAdmin):
                         )
                     except BillingError as exc:
                         form.add_error(None, str(exc))
+                        if isinstance(exc, RefundExceedsPaid):
+                            refundable = exc.refundable  # as the engine saw it, under the lock
                     else:
                         if posted.replayed:
                             self.message_user(
@@ -316,11 +345,22 @@ class AccountAdmin(ReadOnlyAdmin):
                 new_balance=money_display(new_balance) if new_balance is not None else None,
                 amount=money_str(form.cleaned_data["amount"]) if stage == "confirm" else None,
                 source=CREDIT_SOURCES[kind],
+                refundable=money_display(refundable) if refundable is not None else None,
             ),
         )
 
 
 # --- API keys, models, tariffs ------------------------------------------------------------------
+
+
+class MemoForm(forms.Form):
+    memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+
+    def clean_memo(self) -> str:
+        memo = self.cleaned_data["memo"].strip()
+        if not memo:
+            raise forms.ValidationError("A memo is required.")
+        return memo
 
 
 @admin.register(ApiKey)
@@ -376,13 +416,69 @@ class ApiKeyAdmin(ReadOnlyAdmin):
     def budget_held_display(self, key: ApiKey) -> str:
         return money_display(key.budget_held)
 
-    @admin.action(permissions=["revoke"], description="Revoke selected keys")
-    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        now = timezone.now()
-        for key_id in queryset.values_list("pk", flat=True):
-            api_key = api_key_revoke(key_id=key_id, now=now)
-            self.log_change(request, api_key, "Revoked")
-        self.message_user(request, "Revoked the selected keys.", messages.SUCCESS)
+    @admin.action(permissions=["revoke"], description="Revoke selected keys…")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> Any:
+        ids = ",".join(str(pk) for pk in queryset.order_by("pk").values_list("pk", flat=True))
+        return redirect(f"{reverse('admin:billing_apikey_revoke')}?{urlencode({'ids': ids})}")
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "revoke/",
+                self.admin_site.admin_view(self.revoke_view),
+                name="billing_apikey_revoke",
+            ),
+            *super().get_urls(),
+        ]
+
+    def revoke_view(self, request: HttpRequest) -> HttpResponse:
+        """Confirm a revocation: the keys by prefix, and a memo; one StaffAction per key."""
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.services.finance import api_keys_revoke_by_staff
+
+        if not self.has_revoke_permission(request):
+            raise PermissionDenied
+        raw_ids = request.POST.get("ids") if request.method == "POST" else request.GET.get("ids")
+        ids = [int(part) for part in (raw_ids or "").split(",") if part.strip().isdigit()]
+        keys = list(ApiKey.objects.filter(pk__in=ids).select_related("account").order_by("pk"))
+        if not keys:
+            raise Http404("no such keys")
+
+        form = MemoForm(request.POST if request.method == "POST" else None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                results = api_keys_revoke_by_staff(
+                    key_ids=[key.pk for key in keys],
+                    user=request.user,  # type: ignore[arg-type]
+                    memo=form.cleaned_data["memo"],
+                    now=timezone.now(),
+                )
+            except BillingError as exc:
+                form.add_error(None, str(exc))
+            else:
+                revoked = [r.api_key.prefix for r in results if r.changed]
+                already = [r.api_key.prefix for r in results if not r.changed]
+                if revoked:
+                    self.message_user(request, f"Revoked {', '.join(revoked)}.", messages.SUCCESS)
+                if already:
+                    self.message_user(
+                        request,
+                        f"Already revoked, nothing changed: {', '.join(already)}.",
+                        messages.WARNING,
+                    )
+                return redirect("admin:billing_apikey_changelist")
+        return TemplateResponse(
+            request,
+            "admin/billing/apikey/revoke_confirm.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": "Revoke API keys: confirm",
+                "keys": keys,
+                "ids": ",".join(str(key.pk) for key in keys),
+                "form": form,
+            },
+        )
 
 
 @admin.register(LanguageModel)

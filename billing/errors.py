@@ -83,3 +83,15 @@ class ModelNotPriced(BillingError):
     def __init__(self, *, model_alias: str) -> None:
         super().__init__(f"model {model_alias!r} has no tariff")
         self.model_alias = model_alias
+
+
+class RefundExceedsPaid(BillingError):
+    """A refund returns at most what the account was charged or paid, net of earlier refunds
+    (billing_engine.account_refundable); a larger correction is an adjustment."""
+
+    def __init__(self, *, refundable: Decimal) -> None:
+        super().__init__(
+            f"a refund can return at most {refundable:f} USD (usage charged plus purchases, "
+            "less earlier refunds); a larger correction is an adjustment"
+        )
+        self.refundable = refundable

@@ -7,9 +7,10 @@ from decimal import Decimal
 
 from django.db import transaction
 
+from billing.engine import engine_call, sql_rows
 from billing.errors import AccountNotFound, InvalidAmount
 from billing.models import Account, LedgerTransaction
-from billing.money import ZERO
+from billing.money import ZERO, from_units
 from billing.services.ledger import Leg, Posted, Posting, ledger_post, system_account_id
 
 # Where each kind of customer credit comes from. Purchases are paid money, grants are
@@ -20,6 +21,16 @@ CREDIT_SOURCES: dict[str, str] = {
     LedgerTransaction.Kind.REFUND: Account.Kind.REVENUE,
     LedgerTransaction.Kind.ADJUSTMENT: Account.Kind.REVENUE,
 }
+
+_ACCOUNT_REFUNDABLE_SQL = engine_call("account_refundable", ["account_id"])
+
+
+def account_refundable(*, account_id: int) -> Decimal:
+    """What a refund may still return to the account: its usage charged plus its purchases,
+    less earlier refunds (the engine's rule, which `ledger_post` applies under the account's
+    lock; this read is for showing it, e.g. on the admin's refund confirmation)."""
+    [(units,)] = sql_rows(_ACCOUNT_REFUNDABLE_SQL, {"account_id": account_id})
+    return from_units(units)
 
 
 def account_create(
@@ -90,7 +101,8 @@ def credit_post(
     posted_by_id: int | None = None,
     request_id: str = "",
 ) -> Posted:
-    """Post a purchase, grant, refund or adjustment once, in one engine call."""
+    """Post a purchase, grant, refund or adjustment once, in one engine call. A refund beyond
+    `account_refundable` is refused (RefundExceedsPaid) and writes nothing."""
     if not memo.strip():
         raise InvalidAmount("a memo is required")
     if account_id <= 0:  # a system account: the engine checks each leg's kind, not its role

@@ -66,14 +66,30 @@ def api_key_issue(
     return IssuedKey(api_key=api_key, secret=secret)
 
 
-@transaction.atomic(durable=True)
-def api_key_revoke(*, key_id: int, now: datetime) -> ApiKey:
+@dataclass(frozen=True)
+class RevokedKey:
+    api_key: ApiKey
+    changed: bool  # False when the key was revoked already: nothing was written
+
+
+def api_key_revoke_locked(*, key_id: int, now: datetime) -> RevokedKey:
+    """Revoke a key inside the caller's transaction (finance's, which records the StaffAction
+    in it); the key's row lock lasts until that transaction ends. Revoking twice is a no-op."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("api_key_revoke_locked needs the caller's transaction")
     try:
         api_key = ApiKey.objects.select_for_update().get(pk=key_id)
     except ApiKey.DoesNotExist as exc:
         raise AccountNotFound(f"no API key {key_id}") from exc
-    if api_key.status != ApiKey.Status.REVOKED:
-        api_key.status = ApiKey.Status.REVOKED
-        api_key.revoked_at = now
-        api_key.save(update_fields=["status", "revoked_at"])
-    return api_key
+    if api_key.status == ApiKey.Status.REVOKED:
+        return RevokedKey(api_key=api_key, changed=False)
+    api_key.status = ApiKey.Status.REVOKED
+    api_key.revoked_at = now
+    api_key.save(update_fields=["status", "revoked_at"])
+    return RevokedKey(api_key=api_key, changed=True)
+
+
+@transaction.atomic(durable=True)
+def api_key_revoke(*, key_id: int, now: datetime) -> ApiKey:
+    """Revoke a key in its own transaction (the revoke_api_key command)."""
+    return api_key_revoke_locked(key_id=key_id, now=now).api_key

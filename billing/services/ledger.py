@@ -17,11 +17,12 @@ from billing.engine import Rows, engine_call, sql_rows
 from billing.errors import (
     AccountNotFound,
     IdempotencyConflict,
+    RefundExceedsPaid,
     TransactionAlreadyReversed,
     UnbalancedTransaction,
 )
 from billing.models import SYSTEM_ACCOUNT_IDS, Account
-from billing.money import to_units
+from billing.money import from_units, to_units
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def _posted(rows: Rows, *, idempotency_key: str) -> Posted:
             raise TransactionAlreadyReversed("the transaction has been reversed already")
         case "not_found":
             raise AccountNotFound("no such transaction")
+        case "refund_exceeds_paid":  # the engine returns the refundable units in the id column
+            raise RefundExceedsPaid(refundable=from_units(transaction_id))
     raise AssertionError(f"unknown engine result {result!r}")
 
 

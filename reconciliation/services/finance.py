@@ -1,4 +1,4 @@
-"""What finance staff do to money, each in one durable transaction with its StaffAction.
+"""What finance staff do to money and keys, each in one durable transaction with its StaffAction.
 
 The admin calls these and nothing else. Every action needs a memo; the StaffAction row is
 written in the same transaction as the effect, so there is never an effect without a record
@@ -9,6 +9,7 @@ Lock order: hold row, then the reconciliation item, then account rows, then the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -23,11 +24,14 @@ from billing.models import Hold
 from billing.money import money_str
 from billing.services.accounts import credit_posting
 from billing.services.holds import request_charge_post, request_write_off_post
+from billing.services.keys import RevokedKey, api_key_revoke_locked
 from billing.services.ledger import Posted, ledger_post
 from reconciliation.models import ReconciliationItem, StaffAction
 
 FINANCE_GROUP = "Finance"
-# app_label.codename; every money action checks one of the first two.
+# app_label.codename; every money action checks one of the first two. Not among them:
+# billing.post_balance_adjustment, which adjustments (signed, unbounded corrections) need; a
+# superuser or a finance lead grants it to the few who may post them.
 FINANCE_PERMISSIONS = (
     "billing.post_adjustment",
     "reconciliation.reconcile_item",
@@ -340,3 +344,35 @@ def credit_post_by_staff(
                 details={"kind": kind, "amount": money_str(amount)},
             )
     return posted
+
+
+def api_keys_revoke_by_staff(
+    *, key_ids: Iterable[int], user: AbstractBaseUser, memo: str, now: datetime
+) -> list[RevokedKey]:
+    """Revoke keys, all or none, with one StaffAction per key revoked, in one transaction.
+
+    Key rows are locked in ascending id order (two bulk revokes cannot deadlock). A key that
+    was revoked already changes nothing and records nothing.
+    """
+    memo = _memo_clean(memo)
+    results = []
+    with transaction.atomic(durable=True):
+        for key_id in sorted(set(key_ids)):
+            result = api_key_revoke_locked(key_id=key_id, now=now)
+            results.append(result)
+            if not result.changed:
+                continue
+            api_key = result.api_key
+            _staff_action_record(
+                user=user,
+                action="api_key_revoke",
+                target=f"API key #{api_key.pk} ({api_key.prefix})",
+                memo=memo,
+                now=now,
+                details={
+                    "api_key_id": api_key.pk,
+                    "prefix": api_key.prefix,
+                    "account_id": api_key.account_id,
+                },
+            )
+    return results

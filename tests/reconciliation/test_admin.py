@@ -35,6 +35,7 @@ VIEW_PERMISSIONS = [
     "view_staffaction",
 ]
 ITEM_ACTIONS = ["retry", "charge", "write_off", "resolve"]
+BALANCE_ADJUSTMENT = "post_balance_adjustment"
 CREDIT_KINDS = ["grant", "purchase", "refund", "adjustment"]
 
 
@@ -310,12 +311,19 @@ def test_credit_confirmation_shows_the_balance_effect(finance, account):
     [
         ("grant", "2.5", Decimal("12.5")),
         ("purchase", "100", Decimal("110")),
-        ("refund", "0.0000000001", Decimal("10.0000000001")),
+        ("refund", "0.0000000001", Decimal("9.0000000001")),
         ("adjustment", "-0.75", Decimal("9.25")),
     ],
     ids=CREDIT_KINDS,
 )
-def test_finance_user_posts_a_credit(finance, finance_user, account, kind, amount, expected):
+def test_finance_user_posts_a_credit(
+    finance, finance_user, account, issued_key, now, kind, amount, expected
+):
+    if kind == "refund":  # a refund returns at most what was charged: charge 1 first
+        hold_place(api_key=issued_key.api_key, request_id="req-used", amount=Decimal(1), now=now)
+        hold_settle(request_id="req-used", cost=Decimal(1), now=now)
+    if kind == "adjustment":  # not a Finance permission: a finance lead grants it
+        finance_user.user_permissions.add(Permission.objects.get(codename=BALANCE_ADJUSTMENT))
     key = credit_form_key(finance.get(credit_url(account, kind)).content.decode())
 
     response = finance.post(
@@ -390,10 +398,11 @@ def test_credit_refused_to_staff_outside_finance(reader, account, kind):
 
 def test_credit_actions_offered_to_finance_only(finance, reader):
     changelist = reverse("admin:billing_account_changelist")
-    expected = {f"credit_{kind}" for kind in CREDIT_KINDS}
+    expected = {f"credit_{kind}" for kind in CREDIT_KINDS if kind != "adjustment"}
 
     assert expected <= action_choices(finance, changelist)
-    assert not expected & action_choices(reader, changelist)
+    assert "credit_adjustment" not in action_choices(finance, changelist)
+    assert not (expected | {"credit_adjustment"}) & action_choices(reader, changelist)
 
 
 def test_credit_action_redirects_to_the_confirmation_page(finance, account):
@@ -615,14 +624,22 @@ def test_api_key_pages_never_show_the_secret_hash(reader, issued_key):
     assert key.secret_hash not in listing
 
 
-def test_finance_user_revokes_a_key(finance, issued_key):
-    finance.post(
+def test_finance_user_revokes_a_key(finance, finance_user, issued_key):
+    key = issued_key.api_key
+    response = finance.post(
         reverse("admin:billing_apikey_changelist"),
-        {"action": "revoke", "_selected_action": [issued_key.api_key.pk]},
+        {"action": "revoke", "_selected_action": [key.pk]},
     )
+    finance.post(response["Location"], {"ids": key.pk, "memo": "leaked in a repo"})
 
-    issued_key.api_key.refresh_from_db()
-    assert issued_key.api_key.status == ApiKey.Status.REVOKED
+    key.refresh_from_db()
+    assert key.status == ApiKey.Status.REVOKED
+    action = StaffAction.objects.get()
+    assert (action.user, action.action, action.memo) == (
+        finance_user,
+        "api_key_revoke",
+        "leaked in a repo",
+    )
 
 
 def test_staff_outside_finance_cannot_revoke_a_key(reader, issued_key):

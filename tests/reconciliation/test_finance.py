@@ -84,6 +84,7 @@ def test_charge_posts_usage_under_request_key_and_records_staff_action(
 
     result = item_charge(item_id=item.pk, user=staff, memo="customer agreed", now=now)
 
+    assert result.transaction_id is not None
     txn = LedgerTransaction.objects.get(pk=result.transaction_id)
     assert txn is not None
     assert result.posted is True
@@ -144,6 +145,7 @@ def test_write_off_posts_balanced_revenue_and_write_off_legs_and_releases_hold(
 
     result = item_write_off(item_id=item.pk, user=staff, memo="goodwill", now=now)
 
+    assert result.transaction_id is not None
     txn = LedgerTransaction.objects.get(pk=result.transaction_id)
     assert txn is not None
     assert txn.kind == LedgerTransaction.Kind.WRITE_OFF
@@ -206,6 +208,7 @@ def test_expired_hold_charge_posts_known_cost_once_flagged_late(account, issued_
 
     result = item_charge(item_id=item.pk, user=staff, memo="usage confirmed", now=later)
 
+    assert result.transaction_id is not None
     assert LedgerTransaction.objects.get(pk=result.transaction_id).is_late is True
     account.refresh_from_db()
     assert (account.balance, account.held) == (Decimal("9.8765432109"), Decimal(0))
@@ -231,6 +234,7 @@ def test_expired_hold_without_cost_writes_off_the_held_amount(account, issued_ke
 
     result = item_write_off(item_id=item.pk, user=staff, memo="unknown usage", now=now)
 
+    assert result.transaction_id is not None
     assert legs_of(LedgerTransaction.objects.get(pk=result.transaction_id)) == {
         REVENUE: HELD,
         WRITE_OFFS: -HELD,
@@ -316,8 +320,13 @@ def test_retry_queues_the_settle_after_commit_and_it_charges_once(
     ids=["grant", "purchase", "refund", "negative-adjustment"],
 )
 def test_staff_credit_posts_balanced_legs_and_records_action(
-    kind, amount, source, account, now, staff
+    kind, amount, source, account, issued_key, now, staff
 ):
+    if kind == "refund":  # a refund returns at most what was charged: charge 0.25 first
+        hold_place(api_key=issued_key.api_key, request_id="req-used", amount=amount, now=now)
+        hold_settle(request_id="req-used", cost=amount, now=now)
+    account.refresh_from_db()
+    before = account.balance
     posted = credit_post_by_staff(
         kind=kind,
         account_id=account.pk,
@@ -332,7 +341,7 @@ def test_staff_credit_posts_balanced_legs_and_records_action(
     txn = LedgerTransaction.objects.get(pk=posted.transaction_id)
     assert legs_of(txn) == {account.pk: amount, source: -amount}
     account.refresh_from_db()
-    assert account.balance == Decimal("10") + amount
+    assert account.balance == before + amount
     action = StaffAction.objects.get()
     assert (action.action, action.memo, action.transaction_id) == (
         f"credit_{kind}",
