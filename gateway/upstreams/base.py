@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 # Anything above this is a client bug, whatever the route allows.
 ABSURD_MAX_TOKENS = 10_000_000
+# The model alias columns' width (varchar(200): LanguageModel.alias, and model_alias on holds,
+# usage records and postings): a longer name can name no model, and no row can store it.
+MODEL_MAX_LENGTH = 200
 
 
 @dataclass
@@ -139,7 +142,20 @@ def require_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise invalid_param("model", "'model' is required and must be a string.")
-    return model
+    return storable_text(model, "model", max_length=MODEL_MAX_LENGTH)
+
+
+def storable_text(value: str, param: str, *, max_length: int) -> str:
+    """`value` if the database can store it as it is, else the client's 400 naming `param`:
+    decided here, before any database work, so it can never look like an outage (a 503) to
+    anyone. PostgreSQL text cannot hold NUL; a lone surrogate cannot get past the JSON parser
+    (orjson refuses it, and invalid UTF-8). Every string a request carries into the database
+    passes through here: today that is the model alias (holds, usage records, postings)."""
+    if "\x00" in value:
+        raise invalid_param(param, f"'{param}' must not contain NUL (\\u0000) characters.")
+    if len(value) > max_length:
+        raise invalid_param(param, f"'{param}' must be at most {max_length} characters long.")
+    return value
 
 
 def require_bool(body: dict[str, Any], param: str) -> bool:
