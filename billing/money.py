@@ -74,6 +74,41 @@ def money_str(amount: Decimal) -> str:
     return format(money_round(amount), "f")
 
 
+# The largest amount one value can hold, a balance included: 922337203.6854775807 USD (and its
+# negative the smallest). Anything beyond is refused before it reaches the database.
+MAX_AMOUNT = from_units(MAX_UNITS)
+
+
+def balance_after(balance: Decimal, amount: Decimal) -> Decimal:
+    """`balance + amount`, or MoneyError when the database could not store that balance (the
+    engine's UPDATE would fail with bigint out of range)."""
+    after = balance + amount
+    if after > MAX_AMOUNT:
+        raise MoneyError(
+            f"the balance would be {money_str(after)} USD, more than the largest amount "
+            f"that can be stored ({money_str(MAX_AMOUNT)} USD)"
+        )
+    if after < -MAX_AMOUNT:
+        raise MoneyError(
+            f"the balance would be {money_str(after)} USD, less than the smallest amount "
+            f"that can be stored ({money_str(-MAX_AMOUNT)} USD)"
+        )
+    return after
+
+
+def money_form_field(**kwargs: Any) -> Any:
+    """A form field for an amount: exact at the stored precision and within what the database
+    holds, so an amount beyond it is the form's error rather than a MoneyError (a 500)."""
+    from django import forms
+
+    defaults: dict[str, Any] = {
+        "decimal_places": MONEY_PLACES,
+        "max_value": MAX_AMOUNT,
+        "min_value": -MAX_AMOUNT,
+    }
+    return forms.DecimalField(**{**defaults, **kwargs})
+
+
 class MoneyField(models.Field):
     """USD amount stored as bigint units of 1e-10.
 
@@ -114,6 +149,8 @@ class MoneyField(models.Field):
         defaults: dict[str, Any] = {
             "form_class": forms.DecimalField,
             "decimal_places": MONEY_PLACES,
+            "max_value": MAX_AMOUNT,
+            "min_value": -MAX_AMOUNT,
         }
         return super().formfield(**{**defaults, **kwargs})
 

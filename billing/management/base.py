@@ -13,9 +13,10 @@ from decimal import Decimal
 from typing import Any, NoReturn
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DataError
 
 from billing.errors import BillingError
-from billing.money import MoneyError, money_parse
+from billing.money import MoneyError, balance_after, money_parse
 
 
 class OneLineParser(CommandParser):
@@ -39,12 +40,29 @@ def parse_amount(raw: str, *, what: str = "amount") -> Decimal:
 
 
 def parse_when(raw: str, *, what: str) -> datetime:
-    """An ISO 8601 instant; a naive one is taken as UTC (the platform's only zone)."""
+    """An ISO 8601 instant, in UTC (the platform's only zone; a naive one is taken as UTC).
+    One outside years 1 to 9999 once in UTC is refused: PostgreSQL would store it, and
+    then no read of its row (the key, the tariff) could load it."""
     try:
         when = datetime.fromisoformat(raw.strip())
     except ValueError as exc:
         raise CommandError(f"invalid {what}: {raw!r} is not an ISO 8601 date/time") from exc
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError as exc:
+        raise CommandError(
+            f"invalid {what}: {raw!r} is out of range (in UTC it falls outside years 1 to 9999)"
+        ) from exc
+
+
+def check_balance_after(balance: Decimal, amount: Decimal) -> None:
+    """Refuse an amount that fits but would push the balance beyond what the database holds."""
+    try:
+        balance_after(balance, amount)
+    except MoneyError as exc:
+        raise CommandError(f"invalid amount: {exc}") from exc
 
 
 def one_line(message: object) -> str:
@@ -73,6 +91,11 @@ class BillingCommand(BaseCommand):
             raise CommandError(one_line(exc), returncode=exc.returncode) from exc
         except (BillingError, ValueError) as exc:  # MoneyError is a ValueError
             raise CommandError(one_line(exc)) from exc
+        except DataError as exc:
+            # A value the database refused (a balance that moved past what fits since it was
+            # checked): the statement's transaction wrote nothing. Its first line says why.
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CommandError(f"refused by the database, nothing changed: {first_line}") from exc
         if options["json"]:
             self.stdout.write(json.dumps(result, separators=(",", ":"), default=str))
         else:

@@ -6,8 +6,8 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
-from billing.management.base import BillingCommand, parse_amount
-from billing.models import LedgerTransaction
+from billing.management.base import BillingCommand, check_balance_after, parse_amount
+from billing.models import Account, LedgerTransaction
 from billing.money import money_str
 from billing.selectors import account_balance_get
 from billing.services.accounts import credit_post
@@ -37,6 +37,13 @@ class Command(BillingCommand):
         amount = parse_amount(options["amount"])
         if amount == 0:
             raise CommandError("invalid amount: must be positive")
+        balance = (
+            Account.objects.filter(pk=options["account_id"], kind=Account.Kind.CUSTOMER)
+            .values_list("balance", flat=True)
+            .first()
+        )
+        if balance is not None:  # no such customer: the service says so
+            check_balance_after(balance, amount)
         key = options["idempotency_key"] or f"grant_credits:{uuid.uuid4()}"
         posted = credit_post(
             kind=options["kind"],
