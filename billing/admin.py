@@ -19,6 +19,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
+from django.db import DataError
 from django.db.models import OuterRef, QuerySet, Subquery, Sum
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect
@@ -40,7 +41,7 @@ from billing.models import (
     Tariff,
     UsageRecord,
 )
-from billing.money import MoneyField, money_str
+from billing.money import MoneyError, MoneyField, balance_after, money_form_field, money_str
 from billing.services.accounts import CREDIT_SOURCES, account_refundable
 from billing.services.tariffs import tariff_set
 
@@ -81,7 +82,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 class CreditForm(forms.Form):
-    amount = forms.DecimalField(decimal_places=10, max_digits=22)
+    amount = money_form_field()  # within what the database holds: beyond it, a form error
     memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
     # Made when the form is first rendered: a double submit reuses it and posts once.
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
@@ -293,6 +294,12 @@ class AccountAdmin(ReadOnlyAdmin):
             form = CreditForm(request.POST)
             if form.is_valid():
                 amount = form.cleaned_data["amount"]
+                try:
+                    after = balance_after(account.balance, amount)
+                except MoneyError as exc:
+                    message = str(exc)
+                    form.add_error("amount", f"{message[:1].upper()}{message[1:]}.")
+            if form.is_valid():
                 if refundable is not None and amount > refundable and "confirm" not in request.POST:
                     form.add_error("amount", str(RefundExceedsPaid(refundable=refundable)))
                 elif "confirm" in request.POST:
@@ -310,6 +317,14 @@ class AccountAdmin(ReadOnlyAdmin):
                         form.add_error(None, str(exc))
                         if isinstance(exc, RefundExceedsPaid):
                             refundable = exc.refundable  # as the engine saw it, under the lock
+                    except DataError as exc:
+                        # The balance moved past what fits since it was read above: the
+                        # engine's UPDATE overflowed, and its transaction posted nothing.
+                        form.add_error(
+                            None,
+                            "Nothing was posted: the database cannot store the result "
+                            f"({str(exc).splitlines()[0]}).",
+                        )
                     else:
                         if posted.replayed:
                             self.message_user(
@@ -328,7 +343,7 @@ class AccountAdmin(ReadOnlyAdmin):
                         return redirect("admin:billing_account_statement", account_id=account.pk)
                 else:
                     stage = "confirm"
-                    new_balance = account.balance + amount
+                    new_balance = after
         else:
             form = CreditForm(initial={"idempotency_key": uuid.uuid4().hex})
         return TemplateResponse(
