@@ -266,6 +266,9 @@ if SENTRY_DSN:
         release=env_str("SENTRY_RELEASE", ""),
     )
 PROMETHEUS_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+# /metrics is served on the API port and shows revenue and refusal counts: set, it needs
+# `Authorization: Bearer <token>` (config/metrics.py); unset, it is open (loopback quickstart).
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 
 LOGGING = {
     "version": 1,
