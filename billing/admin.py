@@ -43,7 +43,6 @@ from billing.models import (
 )
 from billing.money import MoneyError, MoneyField, balance_after, money_form_field, money_str
 from billing.services.accounts import CREDIT_SOURCES, account_refundable
-from billing.services.tariffs import tariff_set
 
 STATEMENT_PAGE_SIZE = 50
 CSV_BATCH_SIZE = 1000
@@ -502,9 +501,34 @@ class LanguageModelAdmin(ReadOnlyAdmin):
     search_fields = ("alias",)
 
 
+class TariffAddForm(forms.ModelForm):
+    """The add form: the tariff's fields and why it is being set (its StaffAction's memo)."""
+
+    memo = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why this price: recorded with the tariff as a staff action.",
+    )
+
+    class Meta:
+        model = Tariff
+        fields = (
+            "model",
+            "purpose",
+            "completion_window",
+            "valid_from",
+            "valid_until",
+            "input_per_mtok",
+            "output_per_mtok",
+            "cached_input_per_mtok",
+            "cache_write_per_mtok",
+            "reasoning_per_mtok",
+        )
+
+
 @admin.register(Tariff)
 class TariffAdmin(admin.ModelAdmin):
-    """Append-only: a new price is a new tariff row, added through `tariff_set`."""
+    """Append-only: a new price is a new tariff row, added through `tariff_set_by_staff`
+    (needs billing.add_tariff, which the Finance group does not have by itself)."""
 
     list_display = (
         "model",
@@ -525,6 +549,14 @@ class TariffAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        # The memo belongs to adding only; an existing tariff is shown read-only without one.
+        if obj is None:
+            kwargs["form"] = TariffAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
     @admin.display(description="input / Mtok")
     def input_price(self, tariff: Tariff) -> str:
         return money_display(tariff.input_per_mtok)
@@ -534,8 +566,17 @@ class TariffAdmin(admin.ModelAdmin):
         return money_display(tariff.output_per_mtok)
 
     def save_model(self, request: HttpRequest, obj: Tariff, form: Any, change: bool) -> None:
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.services.finance import tariff_set_by_staff
+
         data = form.cleaned_data
-        tariff = tariff_set(
+        # Runs inside the admin's atomic block (changeform_view): the tariff, its StaffAction
+        # and the admin's LogEntry commit together. The form has validated the fields and the
+        # model's constraints already (non-negative prices, valid_until after valid_from).
+        tariff = tariff_set_by_staff(
+            user=request.user,  # type: ignore[arg-type]
+            memo=data["memo"],
+            now=timezone.now(),
             model_alias=data["model"].alias,
             input_per_mtok=data["input_per_mtok"],
             output_per_mtok=data["output_per_mtok"],
@@ -547,10 +588,21 @@ class TariffAdmin(admin.ModelAdmin):
             valid_from=data["valid_from"],
             valid_until=data.get("valid_until"),
         )
-        # The admin goes on to log and redirect with `obj`: point it at the row the service made.
+        # `obj` (the form's unsaved instance) is what the admin passes on to log_addition and
+        # response_add; it carries the created row's primary key there, and they use the row.
         obj.pk = tariff.pk
-        obj.created_at = tariff.created_at
-        obj._state.adding = False
+
+    def _created(self, obj: Tariff) -> Tariff:
+        """The row `save_model` created, as stored (read in the admin's transaction)."""
+        return Tariff.objects.select_related("model").get(pk=obj.pk)
+
+    def log_addition(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        return super().log_addition(request, self._created(obj), message)
+
+    def response_add(
+        self, request: HttpRequest, obj: Any, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        return super().response_add(request, self._created(obj), post_url_continue)
 
 
 # --- Ledger -----------------------------------------------------------------------------------

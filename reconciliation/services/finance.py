@@ -20,12 +20,13 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
 from billing.errors import AccountNotFound, BillingError, InvalidAmount
-from billing.models import Hold
+from billing.models import ApiKey, Hold, Tariff
 from billing.money import money_str
 from billing.services.accounts import credit_posting
 from billing.services.holds import request_charge_post, request_write_off_post
 from billing.services.keys import RevokedKey, api_key_revoke_locked
 from billing.services.ledger import Posted, ledger_post
+from billing.services.tariffs import tariff_create
 from reconciliation.models import ReconciliationItem, StaffAction
 
 FINANCE_GROUP = "Finance"
@@ -376,3 +377,70 @@ def api_keys_revoke_by_staff(
                 },
             )
     return results
+
+
+def tariff_set_by_staff(
+    *,
+    user: AbstractBaseUser,
+    memo: str,
+    now: datetime,
+    model_alias: str,
+    input_per_mtok: Decimal,
+    output_per_mtok: Decimal,
+    valid_from: datetime,
+    cached_input_per_mtok: Decimal | None = None,
+    cache_write_per_mtok: Decimal | None = None,
+    reasoning_per_mtok: Decimal | None = None,
+    purpose: str = ApiKey.Purpose.REALTIME,
+    completion_window: str = "",
+    valid_until: datetime | None = None,
+) -> Tariff:
+    """A new tariff added by staff, with its StaffAction (prices as decimal strings).
+
+    Unlike the services above, not durable: the admin's add view (ModelAdmin.changeform_view)
+    already runs save_model, its history entry and the redirect in one atomic block, and a
+    durable block refuses to nest in it (that was the admin's 500). A plain atomic block is the
+    outermost transaction when called alone, and a savepoint inside the admin's: either way the
+    tariff, the new model alias if any and the StaffAction commit together or not at all, and
+    in the admin they commit with its LogEntry. No lock is needed: a tariff is a new row, and
+    the model alias is get_or_create'd under its unique constraint.
+    """
+    memo = _memo_clean(memo)
+    with transaction.atomic():
+        tariff = tariff_create(
+            model_alias=model_alias,
+            input_per_mtok=input_per_mtok,
+            output_per_mtok=output_per_mtok,
+            valid_from=valid_from,
+            cached_input_per_mtok=cached_input_per_mtok,
+            cache_write_per_mtok=cache_write_per_mtok,
+            reasoning_per_mtok=reasoning_per_mtok,
+            purpose=purpose,
+            completion_window=completion_window,
+            valid_until=valid_until,
+        )
+        _staff_action_record(
+            user=user,
+            action="tariff_set",
+            target=f"model {tariff.model.alias}",
+            memo=memo,
+            now=now,
+            details={
+                "tariff_id": tariff.pk,
+                "purpose": tariff.purpose,
+                "completion_window": tariff.completion_window,
+                "valid_from": tariff.valid_from.isoformat(),
+                "valid_until": tariff.valid_until.isoformat() if tariff.valid_until else None,
+                **{
+                    name: None if price is None else money_str(price)
+                    for name, price in (
+                        ("input_per_mtok", tariff.input_per_mtok),
+                        ("output_per_mtok", tariff.output_per_mtok),
+                        ("cached_input_per_mtok", tariff.cached_input_per_mtok),
+                        ("cache_write_per_mtok", tariff.cache_write_per_mtok),
+                        ("reasoning_per_mtok", tariff.reasoning_per_mtok),
+                    )
+                },
+            },
+        )
+    return tariff
