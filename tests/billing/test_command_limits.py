@@ -127,3 +127,18 @@ def test_an_instant_with_an_offset_is_kept_as_that_instant() -> None:
     account = make_account(credits=D(10))
     data = run_json("issue_api_key", str(account.pk), "--expires", "9999-12-31T18:00:00-05:00")
     assert datetime.fromisoformat(data["expires_at"]) == datetime(9999, 12, 31, 23, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "credits", [TOO_MUCH, "ten", "-1"], ids=["too_much", "not_a_number", "negative"]
+)
+def test_seed_demo_refuses_bad_credits_before_writing_anything(credits: str) -> None:
+    from gateway.models import Route, Upstream
+
+    before = (table_counts(), Upstream.objects.count(), Route.objects.count())
+    with pytest.raises(CommandError) as caught:
+        call_command(
+            "seed_demo", "--credits", credits, "--json", stdout=StringIO(), stderr=StringIO()
+        )
+    assert str(caught.value).startswith("invalid --credits: ")
+    assert (table_counts(), Upstream.objects.count(), Route.objects.count()) == before

@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import CommandParser
 from django.utils import timezone
 
-from billing.management.base import BillingCommand
+from billing.management.base import BillingCommand, parse_amount
 from billing.models import Account, Tariff
 from billing.services.accounts import account_create
 from billing.services.keys import api_key_issue
@@ -26,6 +26,8 @@ class Command(BillingCommand):
         parser.add_argument("--credits", default="25")
 
     def run(self, **options: Any) -> dict[str, Any]:
+        # Checked before anything is written: a bad amount changes nothing.
+        credits = parse_amount(options["credits"], what="--credits")
         now = timezone.now()
         mock = options["mock_url"].rstrip("/")
         upstream_add(name="mock-openai", kind="openai", base_url=f"{mock}/v1")
@@ -45,9 +47,7 @@ class Command(BillingCommand):
                 )
         account = Account.objects.filter(name=DEMO_ACCOUNT, kind=Account.Kind.CUSTOMER).first()
         if account is None:
-            account = account_create(
-                name=DEMO_ACCOUNT, credits=Decimal(options["credits"]), now=now
-            )
+            account = account_create(name=DEMO_ACCOUNT, credits=credits, now=now)
         issued = api_key_issue(account_id=account.pk, name="quickstart", now=now)
         return {
             "account_id": account.pk,
