@@ -4,8 +4,10 @@
 
 On a freshly migrated bench database: --accounts customer accounts with a balanced opening
 grant each, then usage transactions generated in SQL (INSERT ... SELECT generate_series) in
-chunks of 100,000 transactions, each with exactly two legs (customer -x, revenue +x), so the
-deferred balance trigger stays on and checks every one of them at commit. Each account's cached
+chunks of 100,000 transactions, each with exactly two legs (customer -x, revenue +x) and the
+key and content hash the engine would give it, written in the same statement as its
+transaction: the deferred triggers (balanced legs, at least two legs per transaction) stay on
+and check every one of them at commit. Each account's cached
 balance is then set to the sum of its legs. The opening grants' legs count towards --legs.
 
 Then ledger_audit() runs in this process: wall time, peak RSS growth (sampled from /proc every
@@ -33,23 +35,25 @@ def usage_legs_generate(conn: Any, *, transactions: int, account_ids: list[int])
         with conn.transaction():
             conn.execute(
                 """
-                WITH txn AS (
+                WITH src AS MATERIALIZED (
+                    SELECT 'bench-' || g AS request_id,
+                           (%(ids)s::bigint[])[1 + g %% %(n_accounts)s] AS account_id,
+                           1000 + g %% 9973 AS amount
+                    FROM generate_series(%(first)s::bigint, %(last)s::bigint) g
+                ), txn AS (
                     INSERT INTO billing_ledgertransaction (kind, idempotency_key, content_hash,
                         request_id, memo, occurred_at, posted_at, model_alias, is_overrun, is_late)
-                    SELECT 'usage', 'bench-usage:' || g, '', 'bench-' || g, '', now(), now(),
-                           'bench-model', false, false
-                    FROM generate_series(%(first)s, %(last)s) g
+                    SELECT 'usage', billing_engine.request_key(request_id),
+                           billing_engine.posting_hash('usage', ARRAY[account_id, -1],
+                               ARRAY[-amount, amount], request_id, NULL),
+                           request_id, '', now(), now(), 'bench-model', false, false
+                    FROM src
                     RETURNING id, request_id
-                ), legs AS (
-                    SELECT id, (%(ids)s::bigint[])[1 + split_part(request_id, '-', 2)::bigint
-                               %% %(n_accounts)s] AS account_id,
-                           1000 + split_part(request_id, '-', 2)::bigint %% 9973 AS amount
-                    FROM txn
                 )
                 INSERT INTO billing_ledgerleg (transaction_id, account_id, amount)
-                SELECT id, account_id, -amount FROM legs
+                SELECT txn.id, src.account_id, -src.amount FROM txn JOIN src USING (request_id)
                 UNION ALL
-                SELECT id, -1, amount FROM legs
+                SELECT txn.id, -1, src.amount FROM txn JOIN src USING (request_id)
                 """,
                 {
                     "first": done + 1,
@@ -105,7 +109,12 @@ def main() -> None:
     print("resetting the bench database ...", flush=True)
     common.database_reset()
     with common.raw_connect() as conn:
-        account_ids = common.accounts_bulk_create(conn, count=args.accounts, credits_usd=1000)
+        account_ids = [
+            account_id
+            for account_id, _ in common.accounts_bulk_create(
+                conn, count=args.accounts, credits_usd=1000
+            )
+        ]
         usage_transactions = max(0, (args.legs - 2 * args.accounts) // 2)
         generate_seconds = usage_legs_generate(
             conn, transactions=usage_transactions, account_ids=account_ids

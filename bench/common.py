@@ -2,8 +2,11 @@
 /proc readings, tables and JSON results. Not a benchmark itself.
 
 Every benchmark uses its own PostgreSQL database (BENCH_DATABASE_URL, default
-postgres://postgres@127.0.0.1:5432/billing_bench), dropped, recreated and migrated at the start
-of a run, so numbers never depend on what an earlier run or the test suite left behind.
+postgres://postgres@127.0.0.1:5432/billing_bench; bench/paired.py adds billing_bench_base for
+the other commit), dropped, recreated and migrated at the start of a run, so numbers never
+depend on what an earlier run or the test suite left behind. A database whose name does not
+start with billing_bench is never dropped: the test suite's (test_billing*) and the embedded
+server's (billing) are out of reach.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from bench import side
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -60,19 +65,25 @@ def _admin_dsn(database_url: str) -> tuple[str, str]:
     return f"{base}/postgres", name
 
 
-def database_reset(database_url: str = BENCH_DATABASE_URL) -> float:
-    """Drop, create and migrate the bench database; returns the seconds it took."""
+def database_name(database_url: str = BENCH_DATABASE_URL) -> str:
+    return _admin_dsn(database_url)[1]
+
+
+def database_reset(database_url: str = BENCH_DATABASE_URL, *, source: Path = ROOT) -> float:
+    """Drop, create and migrate a bench database with the migrations of the checkout in
+    `source` (another commit's, for bench/paired.py); returns the seconds it took."""
     import psycopg
 
     started = time.perf_counter()
     admin, name = _admin_dsn(database_url)
-    assert name.startswith("billing_bench"), "refusing to drop a database not named billing_bench*"
+    if not name.startswith("billing_bench"):
+        raise SystemExit(f"refusing to drop database {name!r}: a bench database is billing_bench*")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     subprocess.run(
         [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
+        cwd=source,
         env=production_env(database_url),
         check=True,
     )
@@ -185,19 +196,34 @@ def proc_tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU time of the local PostgreSQL server processes alive now (backends that exited during
-    a measurement are missed, so this is a lower bound; the pool keeps its backends alive)."""
-    total = 0.0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if (proc / "comm").read_text().strip() in ("postgres", "postmaster"):
-                total += proc_cpu_seconds(int(proc.name))
-        except OSError:
-            continue
-    return total
+def postgres_backends_cpu(database_url: str = BENCH_DATABASE_URL) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend connected to this database (read from
+    /proc: the server runs on this machine). Only this database's backends: other databases
+    on the same server (other people's test suites) and the server's own background processes
+    (WAL writer, checkpointer) are not counted."""
+    admin, name = _admin_dsn(database_url)
+    with raw_connect(admin) as conn:  # its own backend is in another database
+        pids = [
+            int(row[0])
+            for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = %s AND backend_type = 'client backend'",
+                (name,),
+            )
+        ]
+    cpu = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            cpu[pid] = proc_cpu_seconds(pid)
+    return cpu
+
+
+def postgres_cpu_since(before: dict[int, float], database_url: str = BENCH_DATABASE_URL) -> float:
+    """CPU seconds this database's backends used since `before` (postgres_backends_cpu): a
+    backend that connected since counts whole, one that disconnected since is missed (a lower
+    bound; the gateway's pool keeps its connections open)."""
+    after = postgres_backends_cpu(database_url)
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def proc_threads(pid: int) -> int:
@@ -353,63 +379,47 @@ def run_load(config: dict[str, Any]) -> dict[str, Any]:
 
 # --- gateway fixtures ---------------------------------------------------------------------
 
-BENCH_MODEL = "bench-model"
-BENCH_ANTHROPIC_MODEL = "bench-claude"
+BENCH_MODEL = side.BENCH_MODEL
+BENCH_ANTHROPIC_MODEL = side.BENCH_ANTHROPIC_MODEL
 
 
-def gateway_seed(*, mock: Any, accounts: int, credits: str = "1000000") -> list[list[str]]:
-    """Route the bench models to the mock, price them, and create `accounts` customers with
-    one key each. Returns [[account_id, secret], ...]. Needs django_setup() first."""
-    from decimal import Decimal
-
-    from django.utils import timezone
-
-    from billing.services.accounts import account_create
-    from billing.services.keys import api_key_issue
-    from billing.services.tariffs import tariff_set
-    from gateway.services import model_route_set, upstream_add
-
-    now = timezone.now()
-    upstream_add(name="mock-openai", kind="openai", base_url=mock.openai_base_url)
-    upstream_add(name="mock-anthropic", kind="anthropic", base_url=mock.anthropic_base_url)
-    for alias, upstream in (
-        (BENCH_MODEL, "mock-openai"),
-        (BENCH_ANTHROPIC_MODEL, "mock-anthropic"),
-    ):
-        model_route_set(alias=alias, upstream_name=upstream, upstream_model="mock-model")
-        tariff_set(
-            model_alias=alias,
-            input_per_mtok=Decimal("2.5"),
-            output_per_mtok=Decimal("10"),
-            valid_from=datetime(2020, 1, 1, tzinfo=UTC),
-        )
-    keys = []
-    for i in range(accounts):
-        account = account_create(name=f"bench-{i}", now=now, credits=Decimal(credits))
-        issued = api_key_issue(account_id=account.pk, now=now, name=f"bench-{i}")
-        keys.append([str(account.pk), issued.secret])
-    return keys
+def gateway_seed(
+    *, mock: Any, accounts: int, budgeted_accounts: int = 0, credits: str = "1000000"
+) -> dict[str, list[list[str]]]:
+    """bench/side.py's seed in this process (django_setup() first): routes and prices, then
+    `accounts` customers with an unbudgeted key each and `budgeted_accounts` with a budgeted
+    one. Returns {"plain": [[account_id, secret], ...], "budgeted": [...]}."""
+    return side.gateway_seed(
+        openai_base_url=mock.openai_base_url,
+        anthropic_base_url=mock.anthropic_base_url,
+        accounts=accounts,
+        budgeted_accounts=budgeted_accounts,
+        credits=credits,
+    )
 
 
 def billing_check(*, expected_usage: int) -> dict[str, Any]:
-    """After a gateway run: every successful request has exactly one usage posting, no hold
-    is left active, and the ledger audit is clean."""
-    from billing.models import Hold, LedgerTransaction, UsageRecord
-    from billing.selectors import ledger_audit
+    """bench/side.py's check in this process: usage postings == `expected_usage`, no active
+    hold, ledger audit clean."""
+    return side.billing_check(expected_usage=expected_usage)
 
-    usage = LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.USAGE).count()
-    report = ledger_audit()
-    active = Hold.objects.filter(state=Hold.State.ACTIVE).count()
-    records = UsageRecord.objects.count()
-    return {
-        "usage_transactions": usage,
-        "expected_usage_transactions": expected_usage,
-        "usage_records": records,
-        "active_holds": active,
-        "audit_clean": report.clean,
-        "audit_accounts_checked": report.accounts_checked,
-        "ok": usage == expected_usage and active == 0 and report.clean,
-    }
+
+def side_run(task: str, *, source: Path, database_url: str, **kwargs: Any) -> dict[str, Any]:
+    """bench/side.py's `task` (seed, check) run by the code of the checkout in `source`
+    against `database_url`, in a process of its own."""
+    completed = subprocess.run(
+        [PYTHON, "-c", (ROOT / "bench" / "side.py").read_text(), task],
+        cwd=source,
+        env=production_env(database_url),
+        input=json.dumps(kwargs).encode(),
+        capture_output=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"side task {task} failed in {source}:\n{completed.stderr.decode()[-3000:]}"
+        )
+    return json.loads(completed.stdout)
 
 
 # --- numbers and output -------------------------------------------------------------------
@@ -469,47 +479,61 @@ UNITS_PER_USD = 10**10  # MoneyField stores units of 1e-10 USD
 
 
 def accounts_bulk_create(
-    conn: Any, *, count: int, credits_usd: int, tag: str = "bench"
-) -> list[int]:
-    """`count` customer accounts, each with a balanced opening grant (customer leg +credits,
-    promotions leg -credits) so the ledger audit stays clean, and one API key each.
-    Returns the account ids in order. Triggers stay on: the legs go in balanced pairs."""
+    conn: Any,
+    *,
+    count: int,
+    credits_usd: int,
+    tag: str = "bench",
+    budget_limit_usd: int | None = None,
+    budget_period: str = "month",
+) -> list[tuple[int, int]]:
+    """`count` customer accounts, each with an opening grant posted as account_create posts
+    it (customer leg +credits, promotions leg -credits, its key and content hash as the
+    engine computes them) so the ledger audit stays clean, and one API key each, budgeted
+    (`budget_limit_usd` per `budget_period`) when a limit is given. One statement, one
+    transaction: the deferred triggers (balanced legs, at least two legs per transaction)
+    check every posting at commit. Returns [(account_id, api_key_id), ...] in account order."""
     units = credits_usd * UNITS_PER_USD
+    limit = None if budget_limit_usd is None else budget_limit_usd * UNITS_PER_USD
     with conn.transaction():
-        conn.execute(
+        rows = conn.execute(
             """
             WITH new AS (
                 INSERT INTO billing_account (name, kind, currency, status, balance, held,
                                              overdraft, created_at)
                 SELECT %(tag)s || '-' || g, 'customer', 'USD', 'active', %(units)s, 0, 0, now()
-                FROM generate_series(1, %(count)s) g
+                FROM generate_series(1, %(count)s::integer) g
                 RETURNING id
             ), txn AS (
                 INSERT INTO billing_ledgertransaction (kind, idempotency_key, content_hash,
                     request_id, memo, occurred_at, posted_at, model_alias, is_overrun, is_late)
-                SELECT 'grant', %(tag)s || '-open:' || id, '', '', 'bench opening credits',
-                       now(), now(), '', false, false
+                SELECT 'grant', 'account:' || id || ':opening-credits',
+                       billing_engine.posting_hash('grant', ARRAY[id, -2],
+                           ARRAY[%(units)s, -%(units)s]::bigint[], '', NULL),
+                       '', 'opening credits', now(), now(), '', false, false
                 FROM new
-                RETURNING id, idempotency_key
+                RETURNING id, split_part(idempotency_key, ':', 2)::bigint AS account_id
+            ), legs AS (
+                INSERT INTO billing_ledgerleg (transaction_id, account_id, amount)
+                SELECT id, account_id, %(units)s FROM txn
+                UNION ALL
+                SELECT id, -2, -%(units)s FROM txn
             )
-            INSERT INTO billing_ledgerleg (transaction_id, account_id, amount)
-            SELECT id, split_part(idempotency_key, ':', 2)::bigint, %(units)s FROM txn
-            UNION ALL
-            SELECT id, -2, -%(units)s FROM txn
-            """,
-            {"tag": tag, "units": units, "count": count},
-        )
-        conn.execute(
-            """
             INSERT INTO billing_apikey (account_id, name, prefix, secret_hash, purpose,
-                completion_window, status, created_at, budget_period, budget_spent, budget_held)
+                completion_window, status, created_at, budget_limit, budget_period,
+                budget_spent, budget_held)
             SELECT id, '', 'bk-' || id, md5(id::text) || md5('k' || id::text), 'realtime', '',
-                   'active', now(), '', 0, 0
-            FROM billing_account WHERE name LIKE %(pattern)s
+                   'active', now(), %(limit)s::bigint,
+                   CASE WHEN %(limit)s::bigint IS NULL THEN '' ELSE %(period)s END, 0, 0
+            FROM new
+            RETURNING account_id, id
             """,
-            {"pattern": f"{tag}-%"},
-        )
-    rows = conn.execute(
-        "SELECT id FROM billing_account WHERE name LIKE %s ORDER BY id", (f"{tag}-%",)
-    ).fetchall()
-    return [r[0] for r in rows]
+            {
+                "tag": tag,
+                "units": units,
+                "count": count,
+                "limit": limit,
+                "period": budget_period,
+            },
+        ).fetchall()
+    return sorted((int(account_id), int(key_id)) for account_id, key_id in rows)

@@ -36,7 +36,7 @@ def main() -> None:
     common.database_reset()
     common.django_setup()
     mock = common.start_mock()
-    keys = common.gateway_seed(mock=mock, accounts=args.accounts)
+    keys = common.gateway_seed(mock=mock, accounts=args.accounts)["plain"]
     gateway = common.start_gateway()
     print(f"gateway pid {gateway.pid} (1 uvicorn worker process)", flush=True)
     try:

@@ -1,17 +1,29 @@
 """Paired gateway runs: this checkout against another commit, side by side, loads alternating.
 
     .venv/bin/python -m bench.paired --base <git ref> [--rounds 6] [--requests 3000]
-        [--warmup 300]
+        [--warmup 300] [--c1-requests 500] [--keys plain|budgeted]
 
 On a machine whose speed drifts (a shared VM), two runs of bench/gateway_overhead.py minutes
-apart differ by more than most changes do. This starts two gateways at once, one serving this
-checkout and one a temporary git worktree of `--base` (removed afterwards; it runs with this
-checkout's virtualenv), against the same mock upstream and database. Each round runs the same
-load on both, in alternating order: OpenAI chat completions, non-streaming, at concurrency 32
-spread over 32 accounts, then at concurrency 1. Reports each round and, per measure, the
-median of both sides and the median of the per-round ratios (this checkout / base): a code
-change shows as a ratio, whatever the machine did in between. Then the billing check of
-gateway_overhead (every successful request billed once, no active hold, audit clean).
+apart differ by more than most changes do. This starts two gateways at once: one serving this
+checkout ("head"), one a temporary git worktree of `--base` (removed afterwards; it runs with
+this checkout's virtualenv), in front of the same mock upstream. Each side has a PostgreSQL
+database of its own, migrated by its own code (the two schemas differ when the money engine
+or a migration changed): head BENCH_DATABASE_URL (default billing_bench), base the same URL
+with `_base` appended (billing_bench_base). Each side seeds its own routes, prices and 32
+accounts with its own services (bench/side.py run in that checkout), and its billing is
+checked by its own code afterwards.
+
+Each round runs the same load on both, in alternating order: OpenAI chat completions,
+non-streaming, at concurrency 32 spread over the 32 accounts (`--requests` after `--warmup`),
+then at concurrency 1 (`--c1-requests`, default a sixth of --requests; 0 skips it). --keys
+budgeted gives every key of both sides a budget (1,000,000 USD a month, never reached).
+
+Measured per run: requests/s, p50 latency, and CPU ms per request served of the gateway (its
+processes, from /proc) and of PostgreSQL (the backends connected to that side's database),
+and their sum. Reports each round and, per measure, the median of both sides and the median of
+the per-round ratios head/base: a code change shows as a ratio, whatever the machine did in
+between. Then each side's billing check (every successful request billed once, no active
+hold, ledger audit clean); the exit status is 1 if either fails.
 """
 
 from __future__ import annotations
@@ -26,18 +38,41 @@ from typing import Any
 from bench import common
 from bench.gateway_overhead import body
 
-MEASURES = ("c32_rps", "c32_gw_cpu_ms", "c1_p50_ms", "c1_gw_cpu_ms")
+MEASURES = (
+    "c32_rps",
+    "c32_p50_ms",
+    "c32_gw_cpu_ms",
+    "c32_pg_cpu_ms",
+    "c32_total_cpu_ms",
+    "c1_p50_ms",
+    "c1_gw_cpu_ms",
+    "c1_pg_cpu_ms",
+)
+SIDES = ("base", "head")
 
 
-def _load(
-    gateway: common.Gateway, keys: list[str], *, concurrency: int, requests: int, warmup: int
-) -> tuple[dict[str, Any], float]:
-    """One loadgen run; its result and the gateway's CPU ms per request served."""
+class Side:
+    """One commit's gateway, database and keys."""
+
+    def __init__(self, name: str, source: Path, database_url: str) -> None:
+        self.name = name
+        self.source = source
+        self.database_url = database_url
+        self.keys: list[str] = []
+        self.gateway: common.Gateway | None = None
+        self.billed = 0
+
+
+def _load(side: Side, *, concurrency: int, requests: int, warmup: int) -> dict[str, float]:
+    """One loadgen run on one side: its result and the CPU ms per request served."""
+    assert side.gateway is not None
+    gateway = side.gateway
     cpu_before = common.proc_tree_cpu_seconds(gateway.pid)
+    postgres_before = common.postgres_backends_cpu(side.database_url)
     out = common.run_load(
         {
             "url": f"{gateway.url}/v1/chat/completions",
-            "keys": keys[:concurrency],
+            "keys": side.keys[:concurrency],
             "stream": False,
             "anthropic": False,
             "body": body(model=common.BENCH_MODEL, stream=False),
@@ -46,36 +81,59 @@ def _load(
             "warmup": warmup,
         }
     )
-    served = max(1, out["ok"] + out["warmup_ok"])
-    return out, 1000 * (common.proc_tree_cpu_seconds(gateway.pid) - cpu_before) / served
+    gateway_cpu = common.proc_tree_cpu_seconds(gateway.pid) - cpu_before
+    postgres_cpu = common.postgres_cpu_since(postgres_before, side.database_url)
+    served = out["ok"] + out["warmup_ok"]
+    side.billed += served
+    if out["ok"] != requests:
+        print(f"  {side.name}: {requests - out['ok']} of {requests} failed: {out['statuses']}")
+    return {
+        "rps": out["rps"],
+        "p50_ms": out["p50_ms"],
+        "gw_cpu_ms": 1000 * gateway_cpu / max(1, served),
+        "pg_cpu_ms": 1000 * postgres_cpu / max(1, served),
+    }
 
 
-def _round(
-    gateway: common.Gateway, keys: list[str], args: argparse.Namespace
-) -> tuple[dict[str, float], int]:
-    spread, spread_cpu = _load(
-        gateway, keys, concurrency=32, requests=args.requests, warmup=args.warmup
-    )
-    single, single_cpu = _load(
-        gateway, keys, concurrency=1, requests=args.requests // 6, warmup=args.warmup // 4
-    )
+def _round(side: Side, args: argparse.Namespace) -> dict[str, float]:
+    spread = _load(side, concurrency=32, requests=args.requests, warmup=args.warmup)
     measures = {
         "c32_rps": spread["rps"],
-        "c32_gw_cpu_ms": spread_cpu,
-        "c1_p50_ms": single["p50_ms"],
-        "c1_gw_cpu_ms": single_cpu,
+        "c32_p50_ms": spread["p50_ms"],
+        "c32_gw_cpu_ms": spread["gw_cpu_ms"],
+        "c32_pg_cpu_ms": spread["pg_cpu_ms"],
+        "c32_total_cpu_ms": spread["gw_cpu_ms"] + spread["pg_cpu_ms"],
     }
-    billed = sum(out["ok"] + out["warmup_ok"] for out in (spread, single))
-    return measures, billed
+    if args.c1_requests:
+        single = _load(
+            side, concurrency=1, requests=args.c1_requests, warmup=max(1, args.warmup // 4)
+        )
+        measures.update(
+            c1_p50_ms=single["p50_ms"],
+            c1_gw_cpu_ms=single["gw_cpu_ms"],
+            c1_pg_cpu_ms=single["pg_cpu_ms"],
+        )
+    return measures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the git ref to compare against")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=3000, help="per c=32 run (c=1: a sixth)")
-    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=3000, help="per c=32 run")
+    parser.add_argument("--warmup", type=int, default=300, help="per c=32 run (c=1: a quarter)")
+    parser.add_argument(
+        "--c1-requests",
+        type=int,
+        default=None,
+        help="per c=1 run (default --requests / 6; 0: none)",
+    )
+    parser.add_argument(
+        "--keys", choices=("plain", "budgeted"), default="plain", help="keys of both sides"
+    )
     args = parser.parse_args()
+    if args.c1_requests is None:
+        args.c1_requests = args.requests // 6
 
     base_commit = subprocess.run(
         ["git", "rev-parse", "--verify", f"{args.base}^{{commit}}"],
@@ -84,9 +142,6 @@ def main() -> None:
         text=True,
         check=True,
     ).stdout.strip()
-    print("resetting the bench database ...", flush=True)
-    common.database_reset()
-    common.django_setup()
     with tempfile.TemporaryDirectory(prefix="bench-base-") as scratch:
         worktree = Path(scratch) / "base"
         subprocess.run(
@@ -95,8 +150,12 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+        sides = {
+            "base": Side("base", worktree, f"{common.BENCH_DATABASE_URL}_base"),
+            "head": Side("head", common.ROOT, common.BENCH_DATABASE_URL),
+        }
         try:
-            results, check = _compare(args, worktree)
+            results, checks = _compare(args, sides)
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(worktree)],
@@ -105,65 +164,100 @@ def main() -> None:
                 capture_output=True,
             )
 
+    measures = [m for m in MEASURES if m in results[0]["head"]]
     medians = {
-        side: {m: statistics.median(r[side][m] for r in results) for m in MEASURES}
-        for side in ("base", "head")
+        side: {m: statistics.median(r[side][m] for r in results) for m in measures}
+        for side in SIDES
     }
-    ratios = {m: statistics.median(r["head"][m] / r["base"][m] for r in results) for m in MEASURES}
+    ratios = {
+        m: statistics.median(r["head"][m] / r["base"][m] if r["base"][m] else 0.0 for r in results)
+        for m in measures
+    }
     common.print_table(
         f"Paired: this checkout (head) against {args.base} ({base_commit[:7]}), "
-        f"{len(results)} rounds, medians",
+        f"{len(results)} rounds, {args.keys} keys, medians (CPU: ms per request served)",
         ["measure", "base", "head", "median ratio head/base"],
-        [[m, medians["base"][m], medians["head"][m], f"{ratios[m]:.3f}"] for m in MEASURES],
+        [[m, medians["base"][m], medians["head"][m], f"{ratios[m]:.3f}"] for m in measures],
     )
-    print(f"\nbilling check: {check}")
+    for name, check in checks.items():
+        print(f"\nbilling check, {name}: {check}")
     common.write_results(
         "paired",
         {
             "machine": common.machine_info(),
             "base": {"ref": args.base, "commit": base_commit},
+            "databases": {
+                name: common.database_name(side.database_url) for name, side in sides.items()
+            },
             "args": vars(args),
             "rounds": results,
             "medians": medians,
             "median_ratios": ratios,
-            "billing_check": check,
+            "billing_checks": checks,
         },
     )
-    if not check["ok"]:
+    if not all(check["ok"] for check in checks.values()):
         raise SystemExit("billing check failed")
 
 
 def _compare(
-    args: argparse.Namespace, worktree: Path
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    args: argparse.Namespace, sides: dict[str, Side]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    for side in sides.values():
+        print(
+            f"{side.name}: migrating {common.database_name(side.database_url)} "
+            f"with {side.source} ...",
+            flush=True,
+        )
+        common.database_reset(side.database_url, source=side.source)
     mock = common.start_mock()
-    keys = [key for _, key in common.gateway_seed(mock=mock, accounts=32)]
-    gateways = {
-        "base": common.start_gateway(source=worktree),
-        "head": common.start_gateway(),
-    }
     results: list[dict[str, Any]] = []
-    billed = 0
     try:
+        for side in sides.values():
+            seeded = common.side_run(
+                "seed",
+                source=side.source,
+                database_url=side.database_url,
+                openai_base_url=mock.openai_base_url,
+                anthropic_base_url=mock.anthropic_base_url,
+                accounts=32 if args.keys == "plain" else 0,
+                budgeted_accounts=32 if args.keys == "budgeted" else 0,
+            )
+            side.keys = [key for _, key in seeded[args.keys]]
+            side.gateway = common.start_gateway(database_url=side.database_url, source=side.source)
         for number in range(args.rounds):
-            order = ("base", "head") if number % 2 == 0 else ("head", "base")
+            order = SIDES if number % 2 == 0 else SIDES[::-1]
             row: dict[str, Any] = {}
-            for side in order:
-                row[side], served = _round(gateways[side], keys, args)
-                billed += served
+            for name in order:
+                row[name] = _round(sides[name], args)
+                m = row[name]
                 print(
-                    f"round {number} {side}: c=32 {row[side]['c32_rps']:.0f} req/s, "
-                    f"{row[side]['c32_gw_cpu_ms']:.3f} ms gateway CPU; c=1 p50 "
-                    f"{row[side]['c1_p50_ms']:.2f} ms, {row[side]['c1_gw_cpu_ms']:.3f} ms CPU",
+                    f"round {number} {name}: c=32 {m['c32_rps']:.0f} req/s, CPU ms/request "
+                    f"gateway {m['c32_gw_cpu_ms']:.3f} + postgres {m['c32_pg_cpu_ms']:.3f}"
+                    + (
+                        f"; c=1 p50 {m['c1_p50_ms']:.2f} ms, CPU {m['c1_gw_cpu_ms']:.3f} + "
+                        f"{m['c1_pg_cpu_ms']:.3f}"
+                        if "c1_p50_ms" in m
+                        else ""
+                    ),
                     flush=True,
                 )
             results.append(row)
-        check = common.billing_check(expected_usage=billed)
     finally:
-        for gateway in gateways.values():
-            gateway.stop()
+        for side in sides.values():
+            if side.gateway is not None:
+                side.gateway.stop()
         mock.stop()
-    return results, check
+    checks = {
+        name: common.side_run(
+            "check",
+            source=side.source,
+            database_url=side.database_url,
+            expected_usage=side.billed,
+        )
+        for name, side in sides.items()
+    }
+    return results, checks
 
 
 if __name__ == "__main__":

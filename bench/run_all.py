@@ -7,6 +7,7 @@
 Each benchmark prints its table and writes bench/results/<name>-<stamp>.json (and
 <name>-latest.json). They share one bench database (BENCH_DATABASE_URL, default
 billing_bench), which each drops and recreates, so they must not run at the same time.
+bench/paired.py, which needs a commit to compare against, is not among them.
 Benchmarks are scripts, not tests: nothing here runs under pytest.
 """
 
@@ -22,7 +23,7 @@ from bench import common
 QUICK = {
     "gateway_overhead": ["--requests-c1", "300", "--requests-c32", "2000", "--warmup", "100"],
     "ledger": ["--ops", "60", "--accounts", "10000"],
-    "sweep": ["--sizes", "10000,100000", "--queue-sizes", "10000"],
+    "sweep": ["--sizes", "10000,100000"],
     "audit": ["--legs", "200000"],
     "open_streams": ["--streams", "300"],
 }
@@ -35,9 +36,11 @@ FULL = {
         "--warmup",
         "500",
         "--anthropic",
+        "--keys",
+        "both",
     ],
     "ledger": ["--ops", "200", "--accounts", "10000", "--repeat", "2"],
-    "sweep": ["--sizes", "100000,1000000", "--queue-sizes", "100000"],
+    "sweep": ["--sizes", "100000,1000000"],
     "audit": ["--legs", "1000000", "--tracemalloc"],
     "open_streams": ["--streams", "1000"],
 }
