@@ -29,8 +29,10 @@ hold, ledger audit clean); the exit status is 1 if either fails.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,8 @@ def main() -> None:
         text=True,
         check=True,
     ).stdout.strip()
+    # A terminated run still stops its gateways and removes its worktree (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bench-base-") as scratch:
         worktree = Path(scratch) / "base"
         subprocess.run(
