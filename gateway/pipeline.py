@@ -40,9 +40,14 @@ from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from billing import metrics
-from billing.errors import BillingError, HoldAlreadyResolved, IdempotencyConflict
+from billing.errors import (
+    BillingError,
+    HoldAlreadyResolved,
+    IdempotencyConflict,
+    InsufficientFunds,
+)
 from billing.models import ApiKey
-from billing.money import QUANTUM, money_str
+from billing.money import MAX_AMOUNT, QUANTUM, money_str
 from billing.pricing import Price, Usage
 from billing.services.holds import (
     RequestDetails,
@@ -496,6 +501,12 @@ def _billed_for(ask: HoldAsk, *, context: ModelContext) -> BilledRequest:
         ),
         QUANTUM,
     )
+    if hold_amount > MAX_AMOUNT:
+        # More than any balance can hold (an absurd price times a long output): no account
+        # can cover it.
+        raise error_from_billing(
+            InsufficientFunds(account_id=ask.api_key.account_id, amount=hold_amount)
+        )
     return BilledRequest(
         request_id=ask.request_id,
         account_id=ask.api_key.account_id,

@@ -57,6 +57,39 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT (p_units::numeric * 0.0000000001)::text  -- exact: scale 10, no division
 $$;
 
+-- A JSON string as Python's json.dumps writes it (ensure_ascii): besides the escapes to_json
+-- makes, every character outside space..tilde as \uXXXX (a surrogate pair above U+FFFF).
+CREATE FUNCTION billing_engine.json_ascii(p_text text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_out text := '"';
+    v_char text;
+    v_code integer;
+BEGIN
+    IF p_text ~ '^[ -~]*$' THEN
+        RETURN to_json(p_text)::text;  -- the common case: no character needs \u
+    END IF;
+    FOREACH v_char IN ARRAY regexp_split_to_array(p_text, '') LOOP
+        v_code := ascii(v_char);
+        v_out := v_out || CASE
+            WHEN v_char = '"' THEN '\"'
+            WHEN v_char = '\' THEN '\\'
+            WHEN v_code = 10 THEN '\n'
+            WHEN v_code = 13 THEN '\r'
+            WHEN v_code = 9 THEN '\t'
+            WHEN v_code = 8 THEN '\b'
+            WHEN v_code = 12 THEN '\f'
+            WHEN v_code BETWEEN 32 AND 126 THEN v_char
+            WHEN v_code > 65535 THEN
+                '\u' || lpad(to_hex(55296 + ((v_code - 65536) >> 10)), 4, '0')
+                || '\u' || lpad(to_hex(56320 + ((v_code - 65536) & 1023)), 4, '0')
+            ELSE '\u' || lpad(to_hex(v_code), 4, '0')
+        END;
+    END LOOP;
+    RETURN v_out || '"';
+END;
+$$;
+
 -- The identity of a posting's money effect: SHA-256 of canonical JSON (sorted keys, no spaces;
 -- legs sorted by account id, then amount). A replay under the same idempotency key must match
 -- it; memo and author may differ. Its bytes never change: stored hashes depend on them.
@@ -71,7 +104,7 @@ CREATE FUNCTION billing_engine.posting_hash(
                 || ']',
                 ',' ORDER BY leg.account_id, billing_engine.money_text(leg.units) COLLATE "C")
             FROM unnest(p_account_ids, p_amounts) AS leg(account_id, units))
-        || '],"request_id":' || to_json(p_request_id)::text
+        || '],"request_id":' || billing_engine.json_ascii(p_request_id)
         || ',"reverses":' || COALESCE(p_reverses_id::text, 'null') || '}',
         'UTF8')), 'hex')
 $$;
@@ -321,14 +354,21 @@ BEGIN
     END IF;
     -- Refuse without writing where the account plainly cannot take it; the conditional UPDATE
     -- below is still the check.
-    SELECT acc.status, acc.balance - acc.held + acc.overdraft AS headroom INTO a
+    -- numeric: a large overdraft plus a large balance would overflow bigint.
+    SELECT acc.status, acc.balance::numeric - acc.held + acc.overdraft AS headroom INTO a
     FROM billing_account AS acc WHERE acc.id = p_account_id AND acc.kind = 'customer';
     IF NOT FOUND THEN
         RETURN billing_engine.hold_out('account_missing', NULL, NULL, NULL);
     ELSIF a.status <> 'active' THEN
         RETURN billing_engine.hold_out('account_inactive', a.status, NULL, NULL);
     ELSIF a.headroom < p_amount THEN
-        RETURN billing_engine.hold_out('insufficient_funds', NULL, NULL, NULL);
+        -- A concurrent place of this request may have committed since the lookup above, its
+        -- hold being what the account now lacks: a replay gets that hold, not a refusal.
+        SELECT * INTO h FROM billing_hold WHERE request_id = p_request_id;
+        RETURN billing_engine.hold_out(
+            CASE WHEN h.id IS NULL THEN 'insufficient_funds'
+                 WHEN h.account_id = p_account_id AND h.amount = p_amount THEN 'replayed'
+                 ELSE 'conflict' END, NULL, NULL, h);
     END IF;
 
     -- Lock order: the hold row first (a concurrent place of the same request waits here)...
@@ -347,7 +387,7 @@ BEGIN
     -- ...then the account: the conditional UPDATE is the check, no read-then-write race...
     UPDATE billing_account AS acc SET held = acc.held + p_amount
     WHERE acc.id = p_account_id AND acc.status = 'active'
-      AND acc.balance - acc.held - p_amount >= -acc.overdraft;
+      AND acc.balance::numeric - acc.held - p_amount >= -acc.overdraft::numeric;
     IF NOT FOUND THEN
         DELETE FROM billing_hold WHERE id = h.id;
         SELECT acc.status INTO a FROM billing_account AS acc WHERE acc.id = p_account_id;
@@ -365,7 +405,7 @@ BEGIN
             budget_held = ak.budget_held + p_amount
         WHERE ak.id = p_api_key_id
           AND (ak.budget_limit IS NULL
-               OR ak.budget_limit >= CASE WHEN ak.budget_period_start = v_start
+               OR ak.budget_limit::numeric >= CASE WHEN ak.budget_period_start = v_start
                                            THEN ak.budget_spent ELSE 0 END
                                       + ak.budget_held + p_amount);
         IF NOT FOUND THEN
@@ -669,8 +709,12 @@ BEGIN
         SELECT x.api_key_id, SUM(x.amount) AS total FROM expired AS x
         WHERE x.budgeted AND x.api_key_id IS NOT NULL GROUP BY x.api_key_id
     ), keys AS (
+        -- Keys after accounts, the engine's lock order (a settle holds its account row while
+        -- it updates its key): reading `accounts` here runs it to completion first. Left
+        -- alone, PostgreSQL finishes unread data-modifying CTEs last-written first, so this
+        -- update locked the key before the accounts and deadlocked with a concurrent settle.
         UPDATE billing_apikey AS k SET budget_held = k.budget_held - p.total
-        FROM per_key AS p WHERE k.id = p.api_key_id
+        FROM per_key AS p WHERE k.id = p.api_key_id AND (SELECT count(*) FROM accounts) >= 0
         RETURNING k.id
     )
     SELECT array_agg(x.id),
