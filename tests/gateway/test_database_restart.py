@@ -8,8 +8,8 @@ from typing import Any
 import openai
 from django.db import connection
 
+from billing.engine import ASYNC_APPLICATION_NAME
 from billing.pricing import Usage
-from billing.sql import ASYNC_APPLICATION_NAME
 from gateway.tokens import messages_tokens
 from tests.gateway.conftest import start_gateway, stop_gateway
 from tests.gateway.ledger import assert_clean, balance, charged, expected_cost
