@@ -3,7 +3,9 @@
 The completion endpoints have their own lean ASGI app; the rest of /v1/ and the site are Django
 handlers over the same URLconf: the gateway's with only the gateway's own async middleware, the
 site's with the full MIDDLEWARE list (gateway/handler.py says why). Everything under /v1/ is
-behind one body limit, gateway/limits.py's BodyLimit, whichever app serves the path.
+behind gateway/limits.py's two wrappers, whichever app serves the path: OpenRequestLimit (at
+most GATEWAY_MAX_OPEN_REQUESTS in progress per process), then BodyLimit (the body's size and
+its read deadline). The deadline on a request's head is the server's: config/uvicorn.py.
 """
 
 import gc
@@ -20,7 +22,7 @@ site_application = ASGIStaticFilesHandler(get_asgi_application())
 
 # These need the apps loaded above.
 from gateway.handler import COMPLETION_ADAPTERS, CompletionApp, GatewayASGIHandler  # noqa: E402
-from gateway.limits import BodyLimit  # noqa: E402
+from gateway.limits import BodyLimit, OpenRequestLimit  # noqa: E402
 
 completion_application = CompletionApp()
 gateway_application = GatewayASGIHandler()
@@ -33,8 +35,12 @@ async def _gateway_route(scope: dict[str, Any], receive: Any, send: Any) -> None
         await gateway_application(scope, receive, send)
 
 
-# No body over GATEWAY_MAX_BODY_BYTES reaches anything under /v1/, whichever app serves it.
-gateway_routes = BodyLimit(_gateway_route, routes=COMPLETION_ADAPTERS)
+# No body over GATEWAY_MAX_BODY_BYTES or slower than GATEWAY_BODY_TIMEOUT_SECONDS reaches
+# anything under /v1/, whichever app serves it, and no more than GATEWAY_MAX_OPEN_REQUESTS of
+# its requests are in progress at once.
+gateway_routes = OpenRequestLimit(
+    BodyLimit(_gateway_route, routes=COMPLETION_ADAPTERS), routes=COMPLETION_ADAPTERS
+)
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -174,6 +174,16 @@ BILLING_DEFAULT_OUTPUT_PER_MTOK = env_str("BILLING_DEFAULT_OUTPUT_PER_MTOK", "")
 
 # --- Gateway ----------------------------------------------------------------------------------
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
+# Read deadlines for slow clients. The body's is enforced in the application (gateway/limits.py,
+# under any ASGI server): the whole body must arrive within it of the request reaching the app,
+# or the client gets a 408. The head's cannot be (an ASGI app sees no request before its head is
+# complete): config/uvicorn.py's protocol enforces it and the header size cap, when uvicorn is
+# run with `--http config.uvicorn:GatewayHTTPProtocol` (uvicorn itself has no header deadline).
+GATEWAY_BODY_TIMEOUT_SECONDS = env_float("GATEWAY_BODY_TIMEOUT_SECONDS", 60.0)
+GATEWAY_HEADER_TIMEOUT_SECONDS = env_float("GATEWAY_HEADER_TIMEOUT_SECONDS", 10.0)
+GATEWAY_MAX_HEADER_BYTES = env_int("GATEWAY_MAX_HEADER_BYTES", 64 * 1024)
+# /v1/ requests in progress per process (each holds its connection); beyond it a 503 at once.
+GATEWAY_MAX_OPEN_REQUESTS = env_int("GATEWAY_MAX_OPEN_REQUESTS", 1000)
 # Database threads per gateway process (gateway/pipeline.py): each keeps one pooled connection
 # between its steps. Requests placing holds at once (admission control; the rest queue on the
 # event loop), and threads settling and releasing: together within the pool, so settles always

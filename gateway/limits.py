@@ -1,6 +1,15 @@
-"""The request body limit of everything under /v1/: one ASGI wrapper, `BodyLimit`, which
-config/asgi.py puts in front of the completion app and Django's handler alike, so whatever
-serves a /v1/ path behind it never sees more than GATEWAY_MAX_BODY_BYTES of a body.
+"""The limits of everything under /v1/: two ASGI wrappers, which config/asgi.py puts in front of
+the completion app and Django's handler alike, so whatever serves a /v1/ path behind them never
+sees more than GATEWAY_MAX_BODY_BYTES of a body, waits no longer than
+GATEWAY_BODY_TIMEOUT_SECONDS for one, and runs alongside at most GATEWAY_MAX_OPEN_REQUESTS - 1
+other /v1/ requests of its process. Both hold under any ASGI server run with no flags.
+
+`OpenRequestLimit`, outermost: a /v1/ request beyond GATEWAY_MAX_OPEN_REQUESTS in progress in
+the process (streams included: each holds its connection) is answered 503 `overloaded` at once,
+with `connection: close`, and nothing of it is read. An ASGI app sees requests, not
+connections: idle keep-alive connections and heads still arriving are the server's to count.
+
+`BodyLimit`, the body's size:
 
 - A declared Content-Length over the limit is answered 413 at once, before any of the body is
   read (and before uvicorn sends a `100 Continue`, so a client that waits for one sends none).
@@ -9,20 +18,27 @@ serves a /v1/ path behind it never sees more than GATEWAY_MAX_BODY_BYTES of a bo
   `http.disconnect`, on which Django's handler and the completion app both stop reading and
   answer nothing) and the wrapper answers 413. The message that passed the limit is never
   handed on, so Django spools at most the limit.
-- A declared length within the limit costs one scan of the header list and nothing more: the
-  HTTP server delivers no more than the declared length.
 
 The 413 is sent first, then the rest of the body is read and thrown away, up to
 LINGER_BODY_FACTOR x the limit in all and for LINGER_SECONDS at most (nginx's lingering close),
 and only then is the response ended, with `connection: close`. Closing with the client's
 bytes unread makes the kernel reset the connection, and a client that sends its whole body
 before reading (urllib, curl, most SDKs) would see the reset and never the 413.
+
+`BodyLimit`, the body's deadline: the whole body must have arrived (the message without
+`more_body`) within GATEWAY_BODY_TIMEOUT_SECONDS of the request reaching the app, however it
+trickles. Past it, a receive() still waiting is interrupted, the app is told the client has gone,
+as above (so the completion pipeline, which starts only on a whole body, places no hold), and
+the wrapper answers 408 with `connection: close`, without reading more of a body that is slow by
+definition. The deadlines are kept by one `_Watch` per event loop, with one timer at the
+earliest deadline, left armed when the bodies it was armed for end: a body that arrives at once
+costs a dict entry, and no task or timer of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -30,7 +46,7 @@ import orjson
 from django.conf import settings
 
 from billing import metrics
-from gateway.errors import error_body, style_for_path, too_large
+from gateway.errors import ANTHROPIC, GatewayError, error_body, style_for_path, too_large
 from gateway.http import request_id_new
 
 # A refused body is read and thrown away up to this many times the limit, for this long at most.
@@ -38,6 +54,9 @@ LINGER_BODY_FACTOR = 4
 LINGER_SECONDS = 30.0
 
 _DISCONNECT = {"type": "http.disconnect"}
+# A deadline this close is as good as passed: uvloop's timers fire to the millisecond, and one
+# that fired a little early must not re-arm itself over and over until the clock catches up.
+TIMER_SLACK_SECONDS = 0.001
 
 
 def _declared_length(headers: Any) -> int | None:
@@ -53,8 +72,134 @@ def _declared_length(headers: Any) -> int | None:
     return None
 
 
+def overloaded() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway has too many requests in progress; retry shortly.",
+        "server_error",
+        "overloaded",
+    )
+
+
+def body_too_slow() -> GatewayError:
+    return GatewayError(
+        408,
+        f"The request body did not arrive within {settings.GATEWAY_BODY_TIMEOUT_SECONDS:g} "
+        "seconds.",
+        "invalid_request_error",
+        "request_timeout",
+    )
+
+
+def _error_start(path: str, error: GatewayError, *, close: bool) -> tuple[dict[str, Any], bytes]:
+    """The response start and body of `error` in the path's provider shape."""
+    style = style_for_path(path)
+    shaped: dict[str, Any] = error_body(error, style)
+    if style == ANTHROPIC and error.status == 408:
+        # Anthropic names its other 4xx invalid_request_error (gateway/errors.py has no 408).
+        shaped["error"]["type"] = "invalid_request_error"
+    body = orjson.dumps(shaped)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id_new().encode()),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    return {"type": "http.response.start", "status": error.status, "headers": headers}, body
+
+
+def _refusal_counted(path: str, routes: frozenset[str], status: int, elapsed: float) -> None:
+    """Request metrics of a refusal; a path the completion app does not serve is "unmatched",
+    as Django's resolver has not run."""
+    route = path[1:] if path in routes else "unmatched"
+    metrics.REQUESTS.labels(route, str(status)).inc()
+    metrics.REQUEST_LATENCY.labels(route).observe(elapsed)
+
+
+class OpenRequestLimit:
+    """ASGI middleware: at most GATEWAY_MAX_OPEN_REQUESTS requests in `app` at once (module
+    docstring). The process's one event loop is the only one counting: no lock."""
+
+    def __init__(self, app: Any, *, routes: Collection[str] = ()) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+        self.open = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.open >= settings.GATEWAY_MAX_OPEN_REQUESTS:
+            path = scope.get("path", "")
+            _refusal_counted(path, self.routes, 503, 0.0)
+            start, body = _error_start(path, overloaded(), close=True)
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
+
+
+class _Read:
+    """A body being read: its deadline, and while a receive() waits for it, the waiting task."""
+
+    __slots__ = ("deadline", "expired", "interrupted", "waiting")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.expired = False
+        self.interrupted = False  # the waiting task was cancelled for the deadline
+        self.waiting: asyncio.Task[Any] | None = None
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.waiting is not None:
+            self.interrupted = True
+            self.waiting.cancel()
+
+
+class _Watch:
+    """The bodies being read on one event loop, and one timer, at the earliest deadline of the
+    reads it has seen. A read that ends does not disarm it: when it fires, it expires the reads
+    past their deadline and re-arms itself at the earliest of the rest, if any. So traffic arms
+    a timer about once per timeout, not once per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reads: dict[_Read, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+
+    def add(self, read: _Read) -> None:
+        self.reads[read] = None
+        if read.deadline < self.timer_at:
+            self._arm(read.deadline)
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._fire)
+        self.timer_at = when
+
+    def _fire(self) -> None:
+        self.timer, self.timer_at = None, math.inf
+        now = self.loop.time() + TIMER_SLACK_SECONDS
+        earliest = math.inf
+        for read in list(self.reads):
+            if read.deadline <= now:
+                del self.reads[read]
+                read.expire()
+            else:
+                earliest = min(earliest, read.deadline)
+        if earliest < math.inf:
+            self._arm(earliest)
+
+
 class BodyLimit:
-    """ASGI middleware: no body over GATEWAY_MAX_BODY_BYTES reaches `app` (module docstring).
+    """ASGI middleware: no body over GATEWAY_MAX_BODY_BYTES reaches `app`, and none is waited
+    for longer than GATEWAY_BODY_TIMEOUT_SECONDS (module docstring).
 
     `routes` are the paths the request metrics name by themselves (the completion app's);
     a refusal on any other path is counted as "unmatched", as Django's resolver has not run.
@@ -63,49 +208,97 @@ class BodyLimit:
     def __init__(self, app: Any, *, routes: Collection[str] = ()) -> None:
         self.app = app
         self.routes = frozenset(routes)
+        self._watch: _Watch | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         limit = settings.GATEWAY_MAX_BODY_BYTES
         declared = _declared_length(scope.get("headers", ()))
-        if declared is None:
-            await self._counted(scope, receive, send, limit=limit)
-        elif declared > limit:
-            await self._refuse(scope, receive, send, limit=limit, received=0, started=None)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _counted(self, scope: dict[str, Any], receive: Any, send: Any, *, limit: int) -> None:
-        started = time.monotonic()
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, limit=limit, received=0, elapsed=0.0)
+            return
+        loop = asyncio.get_running_loop()
+        watch = self._watch
+        if watch is None or watch.loop is not loop:
+            watch = self._watch = _Watch(loop)
+        started = loop.time()
+        read = _Read(started + settings.GATEWAY_BODY_TIMEOUT_SECONDS)
+        reads = watch.reads
+        watch.add(read)
         received = 0
-        over = False  # the body passed the limit: the app was told the client left
-        ended = False  # the client sent the body's last message
-        answered = False  # the app started a response
+        ended = False  # the app was handed the body's last message, or the client left
+        # 413 (the body passed the limit) or 408 (it missed its deadline): the app was told the
+        # client left, and the answer is this wrapper's.
+        refused = 0
+        answered = False  # the app started a response (watched for a counted body only)
 
-        async def counted_receive() -> dict[str, Any]:
-            nonlocal received, over, ended
-            if over:
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received, ended, refused
+            if refused:
                 return _DISCONNECT
-            message: dict[str, Any] = await receive()
+            if ended:
+                return await receive()  # past the body (the completion app's watcher)
+            if read.expired:
+                refused = 408
+                return _DISCONNECT
+            task = asyncio.current_task()
+            assert task is not None
+            read.waiting = task
+            try:
+                message: dict[str, Any] = await receive()
+            except asyncio.CancelledError:
+                # The watch's cancellation and no other (a server's shutdown, say, still
+                # cancels the request): the client is late.
+                if read.interrupted and task.uncancel() == 0:
+                    refused = 408
+                    return _DISCONNECT
+                raise
+            finally:
+                read.waiting = None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 ended = not message.get("more_body", False)
                 if received > limit:
-                    over = True
+                    refused = 413
+                    reads.pop(read, None)
                     return _DISCONNECT
+            else:
+                ended = True  # the client left
+            if ended:
+                reads.pop(read, None)
             return message
 
-        async def watched_send(message: dict[str, Any]) -> None:
-            nonlocal answered
-            if over and not answered:
-                return  # the app was told the client left: the 413 is this wrapper's
-            answered = True
-            await send(message)
+        app_send = send
+        if declared is None:
+            # A declared length is never passed (the server delivers no more), so only a
+            # counted body's answers need watching. An app told that the client left answers
+            # nothing (Django's handler and the completion app return), so a 408 never follows
+            # an answer of the app's either.
+            async def watched_send(message: dict[str, Any]) -> None:
+                nonlocal answered
+                if refused and not answered:
+                    return  # the app was told the client left: the answer is this wrapper's
+                answered = True
+                await send(message)
 
-        await self.app(scope, counted_receive, watched_send)
-        if over and not answered:
+            app_send = watched_send
+
+        try:
+            await self.app(scope, limited_receive, app_send)
+        finally:
+            reads.pop(read, None)
+        if not refused or answered:
+            return
+        elapsed = loop.time() - started
+        if refused == 413:
             await self._refuse(
-                scope, receive, send, limit=limit, received=received, started=started, ended=ended
+                scope, receive, send, limit=limit, received=received, elapsed=elapsed, ended=ended
             )
+            return
+        path = scope.get("path", "")
+        _refusal_counted(path, self.routes, 408, elapsed)
+        start, body = _error_start(path, body_too_slow(), close=True)
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
 
     async def _refuse(
         self,
@@ -115,25 +308,14 @@ class BodyLimit:
         *,
         limit: int,
         received: int,
-        started: float | None,
+        elapsed: float,
         ended: bool = False,
     ) -> None:
         path = scope.get("path", "")
-        route = path[1:] if path in self.routes else "unmatched"
-        metrics.REQUESTS.labels(route, "413").inc()
-        now = time.monotonic()
-        metrics.REQUEST_LATENCY.labels(route).observe(now - (started or now))
-        body = orjson.dumps(error_body(too_large(), style_for_path(path)))
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id_new().encode()),
-            (b"x-content-type-options", b"nosniff"),
-        ]
-        if not ended:
-            # What is left of the body is not read to its end: the connection cannot be reused.
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        _refusal_counted(path, self.routes, 413, elapsed)
+        # What is left of the body is not read to its end: the connection cannot be reused.
+        start, body = _error_start(path, too_large(), close=not ended)
+        await send(start)
         # The whole answer is on the wire now; the response ends once the body is discarded.
         await send({"type": "http.response.body", "body": body, "more_body": True})
         if not ended:
