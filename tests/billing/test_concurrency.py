@@ -1,11 +1,13 @@
-"""Real threads, each with its own database connection, racing on one account or one key."""
+"""Real threads, each with its own database connection, racing on one account or one key, or
+with the expiry sweep."""
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -13,11 +15,13 @@ import pytest
 from django.db import connection
 from django.db.models import Sum
 
-from billing.errors import InsufficientFunds
-from billing.models import Hold, LedgerTransaction
+from billing.errors import BudgetExceeded, InsufficientFunds
+from billing.models import ApiKey, Hold, LedgerLeg, LedgerTransaction
 from billing.selectors import ledger_audit
 from billing.services.accounts import credit_post
 from billing.services.holds import hold_place, hold_settle
+from reconciliation.models import ReconciliationItem
+from reconciliation.services.sweeps import holds_expire_and_queue
 from tests.factories import make_account, make_key, request_key
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -196,3 +200,232 @@ def test_two_accounts_raced_at_once_stay_exact(now: datetime) -> None:
         account.refresh_from_db()
         assert (account.balance, account.held) == (D(4), D(0))
     assert ledger_audit().clean
+
+
+@contextmanager
+def sampling(read: Callable[[], Any]) -> Iterator[list[Any]]:
+    """Call `read()` over and over in a thread of its own (its own connection) while the
+    block runs, and once more after it; the samples are in the yielded list when it ends."""
+    samples: list[Any] = []
+    errors: list[BaseException] = []
+    started, stop = threading.Event(), threading.Event()
+
+    def run() -> None:
+        try:
+            while True:
+                last = stop.is_set()
+                samples.append(read())
+                started.set()
+                if last:
+                    return
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+            started.set()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    started.wait(timeout=30)  # the first sample is taken before the block starts
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "the sampler hung"
+    assert not errors, errors
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        pytest.param("fresh", id="fresh-key"),
+        # Yesterday's period is spent to the limit: every worker must roll it over lazily.
+        pytest.param("spent-yesterday", id="rolled-lazily"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("settle", "amount", "affordable"),
+    [
+        pytest.param(True, D("1"), 10, id="place-and-settle"),
+        pytest.param(False, D("0.5"), 20, id="holds-stay-open"),
+    ],
+)
+def test_32_workers_on_one_budgeted_key_never_pass_its_limit(
+    now: datetime, history: str, settle: bool, amount: Decimal, affordable: int
+) -> None:
+    # The account could pay for everything: only the key's budget of 10 a day refuses.
+    account = make_account(credits=D("100"), now=now)
+    key = make_key(account=account, now=now, budget_limit=D("10"), budget_period="day").api_key
+    run_id = uuid.uuid4().hex[:8]
+    spent_before = D(0)
+    if history == "spent-yesterday":
+        yesterday = now - timedelta(days=1)
+        hold_place(api_key=key, request_id=f"{run_id}-yesterday", amount=D(10), now=yesterday)
+        hold_settle(request_id=f"{run_id}-yesterday", cost=D(10), now=yesterday)
+        spent_before = D(10)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def in_period() -> Decimal:
+        spent, held, start = ApiKey.objects.filter(pk=key.pk).values_list(
+            "budget_spent", "budget_held", "budget_period_start"
+        )[0]
+        return (spent if start == today else D(0)) + held  # a past period's spend is not counted
+
+    def place_and_maybe_settle(index: int) -> int | None:
+        request_id = f"{run_id}-{index}"
+        hold = hold_place(api_key=key, request_id=request_id, amount=amount, now=now)
+        if not settle:
+            return hold.pk
+        # Settling at the full hold keeps each success's budget spent: exactly `affordable` fit.
+        return hold_settle(request_id=request_id, cost=amount, now=now).transaction_id
+
+    with sampling(in_period) as samples:
+        outcomes = race(32, place_and_maybe_settle)
+
+    refusals = [value for status, value in outcomes if status == "error"]
+    assert all(isinstance(exc, BudgetExceeded) for exc in refusals), refusals
+    succeeded = [value for status, value in outcomes if status == "ok"]
+    assert len(succeeded) == len(set(succeeded)) == affordable
+    assert len(samples) >= 2
+    assert max(samples) <= D(10), samples  # spent + held never passed the limit
+    key.refresh_from_db()
+    assert key.budget_period_start == today
+    if settle:
+        assert (key.budget_spent, key.budget_held) == (D(10), D(0))
+    else:
+        assert (key.budget_spent, key.budget_held) == (D(0), D(10))
+    account.refresh_from_db()
+    assert account.balance == D(100) - spent_before - (D(10) if settle else D(0))
+    assert account.held == (D(0) if settle else D(10))
+    report = ledger_audit()
+    assert report.clean, report.as_json()
+
+
+# Each hold is settled by two workers at once (the gateway's settle and its retry), at a cost
+# under, at or over its amount of 1, or zero.
+SWEEP_RACE_COSTS = [D("0"), D("0.25"), D("1"), D("1.5")]
+
+
+@pytest.mark.parametrize("budgeted", [False, True], ids=["plain-key", "budgeted-key"])
+def test_sweep_racing_settles_of_expired_holds_ends_and_charges_each_once(
+    now: datetime, budgeted: bool
+) -> None:
+    holds = 16
+    account = make_account(credits=D("100"), now=now)
+    budget = {"budget_limit": D("100"), "budget_period": "day"} if budgeted else {}
+    key = make_key(account=account, now=now, **budget).api_key
+    run_id = uuid.uuid4().hex[:8]
+    request_ids = [f"{run_id}-{index}" for index in range(holds)]
+    for index, request_id in enumerate(request_ids):
+        # Expiring one second apart: the sweep takes them in this order, one per batch.
+        hold_place(
+            api_key=key, request_id=request_id, amount=D("1"), now=now, ttl_seconds=60 + index
+        )
+    cost = {rid: SWEEP_RACE_COSTS[i % len(SWEEP_RACE_COSTS)] for i, rid in enumerate(request_ids)}
+    later = now + timedelta(seconds=120)  # every hold is past its expiry
+    settlers = 2 * holds
+    settled = threading.Semaphore(0)
+    sweeps: list[int] = []
+
+    def work(index: int) -> Any:
+        if index == 0:
+            # The sweeper (started first): one hold per batch, each its own transaction,
+            # again and again until every settle has returned, and once more after.
+            finished = 0
+            while True:
+                last = finished == settlers
+                sweeps.append(holds_expire_and_queue(now=later, batch_size=1)["expired"])
+                while settled.acquire(blocking=False):
+                    finished += 1
+                if last:
+                    return sum(sweeps)
+        # Two settlers per hold, the first started for the last hold the sweep comes to: the
+        # sweep and the settles meet somewhere in the middle.
+        request_id = request_ids[-1 - (index - 1) % holds]
+        try:
+            return request_id, hold_settle(request_id=request_id, cost=cost[request_id], now=later)
+        finally:
+            settled.release()
+
+    outcomes = race(settlers + 1, work)
+
+    errors = [(index, value) for index, (status, value) in enumerate(outcomes) if status != "ok"]
+    assert not errors, errors
+    swept = outcomes[0][1]
+    results: dict[str, list[Any]] = {rid: [] for rid in request_ids}
+    for request_id, result in (value for _, value in outcomes[1:]):
+        results[request_id].append(result)
+    rows = {hold.request_id: hold for hold in Hold.objects.filter(request_id__in=request_ids)}
+    postings = {
+        txn.request_id: txn for txn in LedgerTransaction.objects.filter(request_id__in=request_ids)
+    }
+    assert LedgerTransaction.objects.filter(request_id__in=request_ids).count() == len(postings)
+    for request_id in request_ids:
+        row, charged = rows[request_id], cost[request_id]
+        first, second = sorted(results[request_id], key=lambda result: result.replayed)
+        # One settle posted, the other replayed it; both were told the same.
+        assert (first.replayed, second.replayed) == (False, True), request_id
+        assert first.transaction_id == second.transaction_id == row.transaction_id
+        assert first.cost == second.cost == charged
+        # The hold ended once: settled if its settle won, expired (and charged late) if the
+        # sweep did. Either way it is late, flagged if over, and resolved at the race's time.
+        assert row.state in (Hold.State.SETTLED, Hold.State.EXPIRED), request_id
+        assert (row.settled_amount, row.is_late, row.is_overrun, row.resolved_at) == (
+            charged,
+            True,
+            charged > row.amount,
+            later,
+        ), request_id
+        # Its usage is posted once, in full; a zero cost posts nothing.
+        if charged:
+            txn = postings[request_id]
+            assert (txn.pk, txn.idempotency_key, txn.is_late) == (
+                row.transaction_id,
+                request_key(request_id),
+                True,
+            )
+            assert LedgerLeg.objects.get(transaction=txn, account=account).amount == -charged
+        else:
+            assert request_id not in postings and row.transaction_id is None
+    expired = {rid for rid, row in rows.items() if row.state == Hold.State.EXPIRED}
+    assert swept == len(expired)
+    queued = list(
+        ReconciliationItem.objects.filter(
+            kind=ReconciliationItem.Kind.EXPIRED_HOLD, request_id__in=request_ids
+        ).values_list("request_id", flat=True)
+    )
+    assert sorted(queued) == sorted(expired)  # one item per hold the sweep expired
+    account.refresh_from_db()
+    assert account.held == 0
+    assert account.balance == D("100") - sum(cost.values(), D(0))
+    key.refresh_from_db()
+    assert key.budget_held == 0
+    assert key.budget_spent == (sum(cost.values(), D(0)) if budgeted else 0)
+    report = ledger_audit()
+    assert report.clean, report.as_json()
+
+
+def test_32_workers_replaying_a_hold_place_on_an_account_it_exhausts_all_get_the_hold(
+    now: datetime,
+) -> None:
+    # The first place commits between a replay's look-up of the request and its funds check:
+    # that replay must still get the hold, not InsufficientFunds. A narrow window, so several
+    # rounds of 32.
+    for _ in range(8):
+        account = make_account(credits=D("2"), now=now)
+        key = make_key(account=account, now=now).api_key
+        request_id = f"req-{uuid.uuid4()}"
+
+        def replay(_: int, key: ApiKey = key, request_id: str = request_id) -> int:
+            return hold_place(api_key=key, request_id=request_id, amount=D("2"), now=now).pk
+
+        outcomes = race(32, replay)
+
+        refusals = [value for status, value in outcomes if status != "ok"]
+        assert not refusals, refusals
+        assert len({value for _, value in outcomes}) == 1
+        account.refresh_from_db()
+        assert (account.balance, account.held) == (D(2), D(2))
+    report = ledger_audit()
+    assert report.clean, report.as_json()
