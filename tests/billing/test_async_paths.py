@@ -7,6 +7,7 @@ is replaced once); the sync service (the settle retry task's) can then do the st
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -195,10 +196,8 @@ def test_async_twins_decide_every_case_as_the_sync_services_and_write_nothing_mo
     account.refresh_from_db()
     balances = (account.balance, account.held)
     for name, sync_step, async_step, arguments in cases:
-        sync = _outcome(lambda step=sync_step, kwargs=arguments: step(**kwargs))
-        on_loop = _outcome(
-            lambda step=async_step, kwargs=arguments: _on_a_loop(step, **kwargs)
-        )
+        sync = _outcome(functools.partial(sync_step, **arguments))
+        on_loop = _outcome(functools.partial(_on_a_loop, async_step, **arguments))
         assert on_loop == sync, name
         assert _written() == before, name
     account.refresh_from_db()

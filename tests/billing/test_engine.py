@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -119,7 +120,9 @@ def test_posting_hash_gives_the_bytes_of_the_python_definition(
     reverses: int | None,
     expected: str,
 ) -> None:
-    args = {"kind": kind, "legs": legs, "request_id": request_id, "reverses": reverses}
+    args: dict[str, Any] = {
+        "kind": kind, "legs": legs, "request_id": request_id, "reverses": reverses
+    }
     assert legacy_posting_hash(**args) == expected  # the vector is the old code's
     assert engine_posting_hash(**args) == expected
     # The legs' order is not part of the identity.
@@ -150,7 +153,9 @@ def test_posting_hash_agrees_with_the_python_definition_on_any_ascii_posting(
     kind: str, legs: list[tuple[int, Decimal]], request_id: str, reverses: int | None
 ) -> None:
     # Duplicate accounts and legs included: ties sort by the amount's text, byte by byte.
-    args = {"kind": kind, "legs": legs, "request_id": request_id, "reverses": reverses}
+    args: dict[str, Any] = {
+        "kind": kind, "legs": legs, "request_id": request_id, "reverses": reverses
+    }
     assert engine_posting_hash(**args) == legacy_posting_hash(**args)
 
 
@@ -159,7 +164,7 @@ def test_posting_hash_agrees_with_the_python_definition_on_any_ascii_posting(
     "request_id", ["caf\u00e9", "\U0001f600", "\x7f", "\u2028", 'a"\\\x01\n\u00ff']
 )
 def test_posting_hash_agrees_with_the_python_definition_beyond_ascii(request_id: str) -> None:
-    args = {
+    args: dict[str, Any] = {
         "kind": "usage", "legs": [(7, D("-0.5")), (-1, D("0.5"))], "request_id": request_id,
         "reverses": None,
     }
@@ -171,7 +176,7 @@ def test_a_posting_stores_the_hash_of_its_legs(account: Account, now: datetime) 
     key = make_key(account=account, now=now).api_key
     hold_place(api_key=key, request_id="r1", amount=D(2), now=now, model_alias="m")
     settled = hold_settle(request_id="r1", cost=D("0.75"), now=now)
-    txn = LedgerTransaction.objects.get(pk=settled.transaction_id)
+    txn = LedgerTransaction.objects.get(pk=_posted(settled.transaction_id))
     legs = [(leg.account_id, leg.amount) for leg in txn.legs.all()]
     assert txn.content_hash == legacy_posting_hash(
         kind="usage", legs=legs, request_id="r1", reverses=None
@@ -370,7 +375,7 @@ def test_an_engine_posting_cannot_be_edited_or_deleted(
             "amount", flat=True
         )
     ) == [D("-0.75"), D("0.75")]
-    assert not LedgerTransaction.objects.get(pk=settled.transaction_id).is_overrun
+    assert not LedgerTransaction.objects.get(pk=_posted(settled.transaction_id)).is_overrun
     assert ledger_audit().clean
 
 
@@ -400,7 +405,7 @@ def _applied(app: str) -> set[str]:
 @pytest.mark.django_db(transaction=True)
 def test_the_migrations_remove_the_engine_and_install_it_again(now: datetime) -> None:
     installed = _engine_objects()
-    assert set(installed["schemas"]) == {"billing_engine", "reconciliation_engine"}  # type: ignore[arg-type]
+    assert set(installed["schemas"]) == {"billing_engine", "reconciliation_engine"}  # type: ignore[call-overload]
     assert installed["has_legs_trigger"] == 1
     account = make_account(credits=D(10), now=now)
     key = make_key(account=account, now=now).api_key
@@ -442,3 +447,8 @@ def test_a_hold_on_an_account_whose_overdraft_and_balance_pass_bigint_is_decided
     assert hold.amount == D(2)
     rich.refresh_from_db()
     assert rich.held == D(2)
+
+
+def _posted(transaction_id: int | None) -> int:
+    assert transaction_id is not None, "the settle posted nothing"
+    return transaction_id

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.db.models import Q, Sum
@@ -375,7 +376,7 @@ class LedgerMachine(RuleBasedStateMachine):
         elif change == "amount":
             amount += delta
         exercised("credit replayed" if change == "none" else "credit conflict")
-        again = {
+        again: dict[str, Any] = {
             "kind": kind,
             "account_id": self.account.pk,
             "amount": amount,
@@ -404,7 +405,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """A retry of a hold gets it back as it now is, whatever its state and the account's
         funds (the TTL is not part of the content); another amount is a conflict."""
         expected = self.model_holds[request_id]
-        again = {
+        again: dict[str, Any] = {
             "api_key": self.keys[expected.key],
             "request_id": request_id,
             "amount": expected.amount + (delta if change == "amount" else ZERO),
@@ -650,7 +651,7 @@ class LedgerMachine(RuleBasedStateMachine):
         debits = dict(
             LedgerLeg.objects.filter(
                 transaction_id__in=[pk for _, _, pk, *_ in postings],
-                account_id=self.account.pk if self.account else None,
+                account_id=self.account.pk if self.account else 0,
             ).values_list("transaction_id", "amount")
         )
         for request_id, key, pk, kind, is_late, is_overrun in postings:
