@@ -27,8 +27,11 @@ Traffic: --concurrency clients for --minutes, each request from one of --account
 so refusals happen), on /v1/chat/completions and /v1/messages, streaming and not, short and
 long answers, some with upstream failures (mock directives), some with a bad key; clients leave
 at random points (mid-stream, or before the answer). Faults, at fixed fractions of the run:
-the database cut and restored twice and stalled once through the proxy, the Celery worker
-SIGKILLed and restarted, one gateway worker process SIGKILLed (the supervisor starts another).
+the database cut for 8 s (12%), with the Celery worker SIGKILLed 5 s into it, while it holds
+the settles handed off so far, and restarted 3 s after the restore; stalled for 6 s (35%); one
+gateway worker process SIGKILLed (55%: uvicorn's supervisor starts another); cut again for 8 s
+(75%). The worker's pool gives up on a connection after 3 s (DB_POOL_TIMEOUT_SECONDS), so a
+settle meeting an outage fails and is retried with its backoff (capped at 5 s here).
 
 Every client request records its x-request-id (when the response head arrived), whether it got
 an answer and the cost it was told. At the end, once every hold has expired or resolved and
@@ -498,6 +501,9 @@ class CeleryProcess:
             ready = "beat: Starting"
         env = self.settings.env(
             DB_POOL_MAX_SIZE="2",
+            # A settle meeting an outage fails within seconds and is retried with its backoff,
+            # rather than waiting out the pool's 30 s for the database to come back.
+            DB_POOL_TIMEOUT_SECONDS="3",
             # Redelivery of a killed worker's tasks after 30 s, not an hour; above every retry
             # countdown (BILLING_SETTLE_RETRY_BACKOFF_MAX).
             CELERY_VISIBILITY_TIMEOUT="30",
@@ -890,9 +896,17 @@ async def traffic(
 
 
 async def chaos(
-    *, run: Run, seconds: float, proxy: ProxyProcess, gateway: Gateway, worker: CeleryProcess
+    *,
+    run: Run,
+    seconds: float,
+    proxy: ProxyProcess,
+    gateway: Gateway,
+    worker: CeleryProcess,
+    redis_url: str,
 ) -> None:
-    """The faults, at fixed fractions of the traffic's duration."""
+    """The faults, at fixed fractions of the traffic's duration. The Celery worker is killed
+    in the middle of the first outage, while it holds the settles handed off so far (failing
+    and waiting out their retry countdowns, unacknowledged), so Redis must hand them back."""
 
     async def at(fraction: float) -> None:
         await asyncio.sleep(max(0.0, fraction * seconds - run.now()))
@@ -905,23 +919,27 @@ async def chaos(
         run.event("db_restore", proxy=answer)
 
     await at(0.12)
-    await db_outage("cut", 8)
-
-    await at(0.27)
+    answer = await asyncio.to_thread(proxy.command, "cut")
+    run.event("db_cut", proxy=answer)
+    await asyncio.sleep(5)
     with run.lock:
         run.planned_down.add("worker")
+    waiting, unacked = await asyncio.to_thread(redis_backlog, redis_url)
     await asyncio.to_thread(worker.kill)
-    run.event("celery_worker_sigkill")
-    await asyncio.sleep(5)
+    run.event("celery_worker_sigkill", queue_waiting=waiting, queue_unacked=unacked)
+    await asyncio.sleep(3)
+    answer = await asyncio.to_thread(proxy.command, "restore")
+    run.event("db_restore", proxy=answer)
+    await asyncio.sleep(3)
     await asyncio.to_thread(worker.start)
     with run.lock:
         run.planned_down.discard("worker")
     run.event("celery_worker_restarted")
 
-    await at(0.42)
+    await at(0.35)
     await db_outage("stall", 6)
 
-    await at(0.57)
+    await at(0.55)
     pids = gateway.workers()
     if not pids:
         run.event("gateway_worker_sigkill_skipped", reason="no worker pids found")
@@ -944,7 +962,7 @@ async def chaos(
         run.planned_down.discard("gateway")
     run.event("gateway_worker_replaced", workers=gateway.workers())
 
-    await at(0.72)
+    await at(0.75)
     await db_outage("cut", 8)
 
 
@@ -1604,7 +1622,14 @@ def main() -> int:
                 )
             )
             faults = asyncio.create_task(
-                chaos(run=run, seconds=seconds, proxy=proxy, gateway=gateway, worker=worker)
+                chaos(
+                    run=run,
+                    seconds=seconds,
+                    proxy=proxy,
+                    gateway=gateway,
+                    worker=worker,
+                    redis_url=REDIS_URL,
+                )
             )
             await asyncio.gather(load, faults)
 
