@@ -95,8 +95,11 @@ $$;
 -- it; memo and author may differ. Its bytes never change: stored hashes depend on them.
 CREATE FUNCTION billing_engine.posting_hash(
     p_kind text, p_account_ids bigint[], p_amounts bigint[], p_request_id text, p_reverses_id bigint
-) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT encode(sha256(convert_to(
+) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+-- PL/pgSQL, not SQL: before PostgreSQL 18 a SQL function that cannot be inlined is planned
+-- again on every call, and this one runs with every posting.
+BEGIN
+    RETURN encode(sha256(convert_to(
         '{"kind":' || to_json(p_kind)::text
         || ',"legs":[' || (
             SELECT string_agg(
@@ -106,7 +109,8 @@ CREATE FUNCTION billing_engine.posting_hash(
             FROM unnest(p_account_ids, p_amounts) AS leg(account_id, units))
         || '],"request_id":' || billing_engine.json_ascii(p_request_id)
         || ',"reverses":' || COALESCE(p_reverses_id::text, 'null') || '}',
-        'UTF8')), 'hex')
+        'UTF8')), 'hex');
+END;
 $$;
 
 -- The one key of every posting that charges or writes off a request.
@@ -153,7 +157,18 @@ BEGIN
     INSERT INTO billing_ledgerleg (transaction_id, account_id, amount)
     SELECT v_id, leg.account_id, leg.units FROM unnest(p_account_ids, p_amounts) AS leg(account_id, units);
     -- Customer rows only (system accounts keep no cached balance: they would be a hot row), in
-    -- ascending id order, so two postings can never deadlock on them.
+    -- ascending id order, so two postings can never deadlock on them. The common posting (a
+    -- usage, a credit) has two legs, one of them a customer's: one UPDATE, no aggregate.
+    IF cardinality(p_account_ids) = 2 AND (p_account_ids[1] > 0) <> (p_account_ids[2] > 0)
+       AND (p_release = 0 OR p_release_account = greatest(p_account_ids[1], p_account_ids[2]))
+    THEN
+        UPDATE billing_account
+        SET balance = balance + CASE WHEN p_account_ids[1] > 0 THEN p_amounts[1]
+                                     ELSE p_amounts[2] END,
+            held = held - p_release
+        WHERE id = greatest(p_account_ids[1], p_account_ids[2]);
+        RETURN v_id;
+    END IF;
     FOR v_account IN
         SELECT moved.account_id, sum(moved.delta) AS delta, sum(moved.release) AS release
         FROM (
@@ -342,9 +357,17 @@ BEGIN
     IF p_amount <= 0 THEN
         RETURN billing_engine.hold_out('invalid_amount', NULL, NULL, NULL);
     END IF;
-    -- The key as it is now, whatever the caller's cached copy says: a revoke is refused at once.
-    SELECT ak.status, ak.expires_at, ak.budget_limit, ak.budget_period, ak.account_id INTO k
-    FROM billing_apikey AS ak WHERE ak.id = p_api_key_id;
+    -- The key as it is now, whatever the caller's cached copy says (a revoke is refused at
+    -- once), and the account's headroom, in one read: refuse without writing where the account
+    -- plainly cannot take it; the conditional UPDATE below is still the check. numeric: a large
+    -- overdraft plus a large balance would overflow bigint.
+    SELECT ak.status, ak.expires_at, ak.budget_limit, ak.budget_period, ak.account_id,
+           acc.id AS account_found, acc.status AS account_status,
+           acc.balance::numeric - acc.held + acc.overdraft AS headroom
+    INTO k
+    FROM billing_apikey AS ak
+    LEFT JOIN billing_account AS acc ON acc.id = ak.account_id AND acc.kind = 'customer'
+    WHERE ak.id = p_api_key_id;
     IF NOT FOUND OR k.account_id <> p_account_id THEN
         RETURN billing_engine.hold_out('key_inactive', 'missing', NULL, NULL);
     ELSIF k.status <> 'active' THEN
@@ -352,16 +375,11 @@ BEGIN
     ELSIF k.expires_at IS NOT NULL AND k.expires_at <= p_now THEN
         RETURN billing_engine.hold_out('key_inactive', 'expired', NULL, NULL);
     END IF;
-    -- Refuse without writing where the account plainly cannot take it; the conditional UPDATE
-    -- below is still the check.
-    -- numeric: a large overdraft plus a large balance would overflow bigint.
-    SELECT acc.status, acc.balance::numeric - acc.held + acc.overdraft AS headroom INTO a
-    FROM billing_account AS acc WHERE acc.id = p_account_id AND acc.kind = 'customer';
-    IF NOT FOUND THEN
+    IF k.account_found IS NULL THEN
         RETURN billing_engine.hold_out('account_missing', NULL, NULL, NULL);
-    ELSIF a.status <> 'active' THEN
-        RETURN billing_engine.hold_out('account_inactive', a.status, NULL, NULL);
-    ELSIF a.headroom < p_amount THEN
+    ELSIF k.account_status <> 'active' THEN
+        RETURN billing_engine.hold_out('account_inactive', k.account_status, NULL, NULL);
+    ELSIF k.headroom < p_amount THEN
         -- A concurrent place of this request may have committed since the lookup above, its
         -- hold being what the account now lacks: a replay gets that hold, not a refusal.
         SELECT * INTO h FROM billing_hold WHERE request_id = p_request_id;
@@ -470,18 +488,23 @@ CREATE FUNCTION billing_engine.usage_record_write(
     p_output_tokens integer, p_reasoning_tokens integer, p_estimated boolean,
     p_endpoint text, p_stream boolean, p_outcome text, p_started_at timestamptz,
     p_first_byte_ms integer, p_duration_ms integer
-) RETURNS void LANGUAGE sql AS $$
+) RETURNS void LANGUAGE plpgsql AS $$
+-- PL/pgSQL, whose plans are kept per session: a SQL function's INSERT was planned every call.
+BEGIN
+    IF p_endpoint IS NULL THEN
+        RETURN;
+    END IF;
     INSERT INTO billing_usagerecord (request_id, account_id, api_key_id, model_alias, endpoint,
         stream, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
         reasoning_tokens, estimated, cost, status, outcome, started_at, first_byte_ms,
         duration_ms, created_at)
-    SELECT h.request_id, h.account_id, h.api_key_id, h.model_alias, p_endpoint, p_stream,
+    VALUES (h.request_id, h.account_id, h.api_key_id, h.model_alias, p_endpoint, p_stream,
         p_input_tokens, p_cached_input_tokens, p_cache_write_tokens, p_output_tokens,
         p_reasoning_tokens, p_estimated, p_cost, p_status, p_outcome, p_started_at,
-        p_first_byte_ms, p_duration_ms, p_now
-    WHERE p_endpoint IS NOT NULL
+        p_first_byte_ms, p_duration_ms, p_now)
     -- A record never stops the money: a second one for the request is simply not written.
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (request_id) DO NOTHING;
+END;
 $$;
 
 -- Settle a request's hold at its exact cost: 'settled' (flags on the hold: is_overrun, is_late),
