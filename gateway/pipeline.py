@@ -3,17 +3,17 @@
 authenticate -> validate -> resolve model and price -> estimate the worst case -> hold
 -> call upstream -> relay -> settle.
 
-Async: a request lives on the event loop. Each money step (hold, settle, release) is one call
-of the money engine on an async connection (billing's hold_place_async, hold_settle_async,
-hold_release_async), which decides every case, refusals, replays and budgets included. What
-the loop cannot do (a key or route the caches miss, a prompt too long to count on the loop, a
-database error on the async connection) is one call into a small thread pool whose threads
-keep pooled connections and run the same engine call: the hold threads, and the settle threads
-for settles and releases. The two pools split the database pool, so a burst of new requests
-can never take the connections that money already due needs. Settlement is awaited (shielded
+Async: a request lives on the event loop. Each money step (hold, settle, release, checkpoint)
+is one call of the money engine on an async connection (billing's hold_place_async,
+hold_settle_async, hold_release_async, hold_checkpoint_async), which decides every case,
+refusals, replays and budgets included, within GATEWAY_DB_STEP_TIMEOUT_SECONDS. What the loop
+cannot do (a key or route the caches miss, a prompt too long to count on the loop) is one call
+into a hold thread, which keeps a pooled connection and runs the same engine call. Admission
+control keeps the holds in flight below the async pool's size, so a burst of new requests
+cannot take the connections that money already due needs. Settlement is awaited (shielded
 from the client's cancellation) and a stream's last bytes go out only after it has committed.
-A settle that cannot be written is handed to the retry task; the hold stays until it is
-settled or expires into reconciliation.
+A settle that cannot be written is handed to the retry task from a settle thread (the broker's
+client blocks); the hold stays until it is settled or expires into reconciliation.
 """
 
 from __future__ import annotations
