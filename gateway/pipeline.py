@@ -364,7 +364,8 @@ async def _complete(request: CompletionRequest, billed: BilledRequest) -> JsonAn
     adapter = billed.adapter
     usage = adapter.usage_from_body(payload)
     if usage is None or usage.estimated:
-        usage = _estimated_usage(billed, reported=usage, generated=adapter.texts_from_body(payload))
+        output = _tokens(adapter.texts_from_body(payload))
+        usage = _estimated_usage(billed, reported=usage, output_tokens=output)
     cost = await _settle_stage(billed=billed, usage=usage, outcome="completed")
     priced = money_str(cost)
     return JsonAnswer(
@@ -640,14 +641,8 @@ async def _checkpoint(billed: BilledRequest, state: StreamState) -> None:
     texts = state.generated_texts()  # parses only the events relayed since the last time
     billed.counted_tokens += sum(text_tokens(text) for text in texts[billed.counted_texts :])
     billed.counted_texts = len(texts)
-    reported = state.reported_usage()
-    prompt = reported if reported is not None and reported.prompt_tokens else None
-    usage = Usage(
-        input_tokens=prompt.input_tokens if prompt else billed.prompt_tokens,
-        cached_input_tokens=prompt.cached_input_tokens if prompt else 0,
-        cache_write_tokens=prompt.cache_write_tokens if prompt else 0,
-        output_tokens=billed.counted_tokens,
-        estimated=True,
+    usage = _estimated_usage(
+        billed, reported=state.reported_usage(), output_tokens=billed.counted_tokens
     )
     try:
         await _within_step_deadline(
@@ -673,7 +668,9 @@ async def _settle_protected(
     usage = (
         reported
         if complete
-        else _estimated_usage(billed, reported=reported, generated=state.generated_texts())
+        else _estimated_usage(
+            billed, reported=reported, output_tokens=_tokens(state.generated_texts())
+        )
     )
     assert usage is not None
     cost = await _to_completion(_settle_stage(billed=billed, usage=usage, outcome=outcome))
@@ -681,10 +678,11 @@ async def _settle_protected(
 
 
 def _estimated_usage(
-    billed: BilledRequest, *, reported: Usage | None, generated: list[str]
+    billed: BilledRequest, *, reported: Usage | None, output_tokens: int
 ) -> Usage:
-    """Usage when the upstream reported none (or only part): our own token counts."""
-    output = sum(text_tokens(text) for text in generated)
+    """Usage when the upstream reported none (or only part), or so far: the provider's prompt
+    counts if it gave them, else ours, and our count of the output generated."""
+    output = output_tokens
     if reported is not None and reported.prompt_tokens:
         return Usage(
             input_tokens=reported.input_tokens,
@@ -695,6 +693,10 @@ def _estimated_usage(
             estimated=True,
         )
     return Usage(input_tokens=billed.prompt_tokens, output_tokens=output, estimated=True)
+
+
+def _tokens(texts: list[str]) -> int:
+    return sum(text_tokens(text) for text in texts)
 
 
 def _handoff(*, billed: BilledRequest, usage: Usage, cost: Decimal, outcome: str, error: str
