@@ -7,7 +7,7 @@ Not a test, not run in CI (issue 14, "proof beyond the tests"). It starts, each 
 its own:
 
 - a TCP proxy in front of PostgreSQL (this file, `--proxy-child`: the proxy of
-  tests/tcp_proxy.py, copied so bench/ does not depend on tests/), which every server process
+  bench/tcp_proxy.py, shared with the tests), which every server process
   goes through, so the faults below hit the gateway, the worker and beat alike;
 - the shipped mock upstream;
 - uvicorn serving config.asgi:application with 2 worker processes (uvicorn's supervisor
@@ -63,9 +63,7 @@ import json
 import os
 import random
 import re
-import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +81,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
+from bench.tcp_proxy import TcpProxy  # noqa: E402
 
 PYTHON = sys.executable
 CELERY = str(Path(PYTHON).with_name("celery"))
@@ -98,114 +97,7 @@ REQUEST_TIMEOUT_SECONDS = 90.0
 KILL_WINDOW_SECONDS = 3.0  # a request ending this close after a gateway kill may have died with it
 
 
-# --- the TCP proxy (copied from tests/tcp_proxy.py), run as a child process -------------------
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to `target`. cut(): open connections dropped, new ones closed
-    at once. stall(): connections accepted, nothing forwarded. restore(): forwarding again
-    (connections stalled before are dropped: their peers gave up on them)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.server.getsockname()[1])
-        self.mode = "forward"
-        self.accepted = 0
-        self._forwarding = threading.Event()
-        self._forwarding.set()
-        self._lock = threading.Lock()
-        self._pairs: list[tuple[socket.socket, socket.socket | None]] = []
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            with self._lock:
-                mode = self.mode
-                self.accepted += 1
-            if mode == "cut":
-                client.close()
-                continue
-            if mode == "stall":
-                with self._lock:
-                    self._pairs.append((client, None))
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._pairs.append((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-
-    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
-        sockets = [client, upstream]
-        try:
-            while True:
-                readable, _, _ = select.select(sockets, [], [], 0.5)
-                with self._lock:
-                    mode = self.mode
-                if mode == "cut":
-                    return
-                if mode == "stall":
-                    self._forwarding.wait(0.5)
-                    continue
-                for sock in readable:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    (upstream if sock is client else client).sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
-            with self._lock:
-                with contextlib.suppress(ValueError):
-                    self._pairs.remove((client, upstream))
-            for sock in sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
-
-    def _drop_all(self) -> int:
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for client, upstream in pairs:
-            for sock in (client, upstream):
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-                    with contextlib.suppress(OSError):
-                        sock.close()
-        return len(pairs)
-
-    def cut(self) -> int:
-        with self._lock:
-            self.mode = "cut"
-        return self._drop_all()
-
-    def stall(self) -> int:
-        with self._lock:
-            self.mode = "stall"
-            self._forwarding.clear()
-            return len(self._pairs)
-
-    def restore(self) -> int:
-        with self._lock:
-            was = self.mode
-            self.mode = "forward"
-            self._forwarding.set()
-        return self._drop_all() if was == "stall" else 0
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.server.close()
-        self.cut()
+# --- the TCP proxy (bench/tcp_proxy.py), run as a child process ---------------------------
 
 
 def proxy_child(target: str) -> None:

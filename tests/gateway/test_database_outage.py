@@ -13,10 +13,10 @@ import httpx
 import pytest
 from django.conf import settings
 
+from bench.tcp_proxy import TcpProxy
 from billing.models import Hold, LedgerTransaction
 from tests.gateway.conftest import start_gateway, stop_gateway
 from tests.gateway.ledger import assert_clean, charged
-from tests.tcp_proxy import TcpProxy
 from tests.workers import wait_until
 
 STEP_TIMEOUT = 2  # GATEWAY_DB_STEP_TIMEOUT_SECONDS for these gateways

@@ -1,28 +1,25 @@
-"""A TCP proxy in front of PostgreSQL that a test can cut or stall, as an outage would."""
+"""A TCP proxy in front of PostgreSQL that can cut or stall it, as an outage would: used by the
+tests (tests/gateway/test_database_outage.py) and by bench/soak.py."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
-from contextlib import suppress
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to `target`.
-
-    - `cut()`: every open connection is dropped and new ones are refused (closed at once).
-    - `stall()`: connections stay open and new ones are accepted, but nothing is forwarded
-      (a database that accepted TCP and answers nothing).
-    - `restore()`: forwarding resumes for new connections.
-    """
+    """Forwards 127.0.0.1:<port> to `target`. cut(): open connections dropped, new ones closed
+    at once. stall(): connections accepted, nothing forwarded. restore(): forwarding again
+    (connections stalled before are dropped: their peers gave up on them)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        # A host that is a directory is PostgreSQL's unix socket directory (the embedded server).
         self.target = target
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.server.getsockname()[1])
         self.mode = "forward"
+        self.accepted = 0
         self._forwarding = threading.Event()
         self._forwarding.set()
         self._lock = threading.Lock()
@@ -38,6 +35,7 @@ class TcpProxy:
                 return
             with self._lock:
                 mode = self.mode
+                self.accepted += 1
             if mode == "cut":
                 client.close()
                 continue
@@ -56,7 +54,7 @@ class TcpProxy:
 
     def _connect(self) -> socket.socket:
         host, port = self.target
-        if host.startswith("/"):
+        if host.startswith("/"):  # PostgreSQL's unix socket directory (the embedded server)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(f"{host}/.s.PGSQL.{port}")
             return sock
@@ -72,7 +70,6 @@ class TcpProxy:
                 if mode == "cut":
                     return
                 if mode == "stall":
-                    # Hold every byte: the peer waits for an answer that never comes.
                     self._forwarding.wait(0.5)
                     continue
                 for sock in readable:
@@ -80,44 +77,48 @@ class TcpProxy:
                     if not data:
                         return
                     (upstream if sock is client else client).sendall(data)
-        except (OSError, ValueError):  # ValueError: select() on a socket cut() closed
+        except (OSError, ValueError):
             return
         finally:
+            with self._lock:
+                with contextlib.suppress(ValueError):
+                    self._pairs.remove((client, upstream))
             for sock in sockets:
-                with suppress(OSError):
+                with contextlib.suppress(OSError):
                     sock.close()
 
-    def _drop_all(self) -> None:
+    def _drop_all(self) -> int:
         with self._lock:
             pairs, self._pairs = self._pairs, []
         for client, upstream in pairs:
             for sock in (client, upstream):
                 if sock is not None:
-                    with suppress(OSError):
+                    with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
-                    with suppress(OSError):
+                    with contextlib.suppress(OSError):
                         sock.close()
+        return len(pairs)
 
-    def cut(self) -> None:
+    def cut(self) -> int:
         with self._lock:
             self.mode = "cut"
-        self._drop_all()
+        return self._drop_all()
 
-    def stall(self) -> None:
+    def stall(self) -> int:
         with self._lock:
             self.mode = "stall"
             self._forwarding.clear()
+            return len(self._pairs)
 
-    def restore(self) -> None:
+    def restore(self) -> int:
         with self._lock:
             was = self.mode
             self.mode = "forward"
             self._forwarding.set()
-        if was == "stall":
-            self._drop_all()  # stalled connections are unusable: their peers gave up on them
+        return self._drop_all() if was == "stall" else 0
 
     def close(self) -> None:
         self._closed = True
-        with suppress(OSError):
+        with contextlib.suppress(OSError):
             self.server.close()
         self.cut()
