@@ -80,6 +80,10 @@ class ApiKey(models.Model):
         WEEK = "week"
         MONTH = "month"
 
+    class Scope(models.TextChoices):
+        INFERENCE = "inference"  # completions and the /v1/billing/ reads
+        ADMIN = "admin"  # all of that, plus the account's self-service endpoints
+
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="api_keys")
     name = models.CharField(max_length=200, blank=True)
     prefix = models.CharField(max_length=16, unique=True)
@@ -101,6 +105,10 @@ class ApiKey(models.Model):
     budget_spent = MoneyField(default=0)
     # Active holds placed under the budget; survives period rollover.
     budget_held = MoneyField(default=0)
+    scope = models.CharField(max_length=16, choices=Scope.choices, default=Scope.INFERENCE)
+    # Rate limits (gateway/ratelimit.py): requests and billed tokens in any 60 s; null: none.
+    rpm = models.PositiveIntegerField(null=True, blank=True)
+    tpm = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         verbose_name = "API key"
@@ -112,6 +120,12 @@ class ApiKey(models.Model):
                 condition=Q(budget_limit__isnull=True)
                 | (Q(budget_limit__gte=0) & ~Q(budget_period="")),
                 name="apikey_budget_has_period",
+            ),
+            models.CheckConstraint(
+                condition=Q(rpm__isnull=True) | Q(rpm__gte=1), name="apikey_rpm_positive"
+            ),
+            models.CheckConstraint(
+                condition=Q(tpm__isnull=True) | Q(tpm__gte=1), name="apikey_tpm_positive"
             ),
         ]
 

@@ -6,6 +6,7 @@ from reconciliation.views import healthz, readyz
 
 urlpatterns = [
     path("", include("gateway.urls")),
+    path("", include("billing.urls")),
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="prometheus-django-metrics"),
     path("healthz", healthz, name="healthz"),
