@@ -49,7 +49,10 @@ def api_key_issue(
     if expires_at is not None and expires_at <= now:
         raise InvalidAmount("the expiry is in the past")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    with transaction.atomic(durable=True):
+    # Not durable: finance's issue (reconciliation.services.onboarding) records its StaffAction
+    # in the same transaction, where this block is a savepoint; called alone, it is the
+    # outermost transaction, as for the issue_api_key command.
+    with transaction.atomic():
         if not Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).exists():
             raise AccountNotFound(f"no customer account {account_id}")
         api_key = ApiKey.objects.create(
