@@ -12,6 +12,7 @@ from django.db import transaction
 
 from billing.errors import AccountNotFound, InvalidAmount
 from billing.models import Account, ApiKey
+from billing.services.budgets import api_key_budget_check
 
 KEY_PREFIX = "sk-gw-"
 DISPLAY_PREFIX_LENGTH = 14  # "sk-gw-" plus 8 random characters
@@ -40,12 +41,7 @@ def api_key_issue(
 ) -> IssuedKey:
     if purpose not in ApiKey.Purpose.values:
         raise InvalidAmount(f"unknown purpose {purpose!r}")
-    if (budget_limit is None) != (not budget_period):
-        raise InvalidAmount("a budget needs both an amount and a period")
-    if budget_period and budget_period not in ApiKey.BudgetPeriod.values:
-        raise InvalidAmount(f"unknown budget period {budget_period!r}")
-    if budget_limit is not None and budget_limit < 0:
-        raise InvalidAmount("a budget cannot be negative")
+    api_key_budget_check(budget_limit=budget_limit, budget_period=budget_period)
     if expires_at is not None and expires_at <= now:
         raise InvalidAmount("the expiry is in the past")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
