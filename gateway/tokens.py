@@ -8,6 +8,7 @@ overhead, times (1 + BILLING_PROMPT_ESTIMATE_MARGIN).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable
@@ -81,3 +82,31 @@ def messages_tokens(messages: Iterable[dict[str, Any]], *, system: Any = None) -
 def with_margin(tokens: int) -> int:
     margin = Decimal(1) + settings.BILLING_PROMPT_ESTIMATE_MARGIN
     return int((Decimal(tokens) * margin).to_integral_value(rounding=ROUND_CEILING))
+
+
+def responses_input_tokens(input: Any, *, instructions: Any = None) -> int:
+    """Prompt tokens of a Responses API request, with the chat format's overhead: a string
+    input is one user message, an input item with a role is a message, and any other item (a
+    tool call, its output, a reasoning item) counts as its JSON text."""
+    if isinstance(input, str):
+        return messages_tokens([{"role": "user", "content": input}], system=instructions)
+    items = input if isinstance(input, list) else []
+    messages = [
+        item
+        if isinstance(item, dict) and isinstance(item.get("role"), str)
+        else {"role": "", "content": json.dumps(item, separators=(",", ":"), ensure_ascii=False)}
+        for item in items
+    ]
+    return messages_tokens(messages, system=instructions)
+
+
+def embedding_input_tokens(input: Any) -> int:
+    """Tokens of an embeddings input, as the provider bills them (no format overhead): each
+    string by the BPE, a token array by its length."""
+    items = [input] if isinstance(input, str) else input if isinstance(input, list) else []
+    if items and all(isinstance(item, int) for item in items):
+        return len(items)  # one token array
+    return sum(
+        text_tokens(item) if isinstance(item, str) else len(item) if isinstance(item, list) else 0
+        for item in items
+    )

@@ -1,8 +1,18 @@
-"""A mock LLM upstream speaking the OpenAI Chat Completions and Anthropic Messages wire formats.
+"""A mock LLM upstream speaking the OpenAI Chat Completions, Responses and Embeddings and the
+Anthropic Messages wire formats.
 
 Output is deterministic and usage is exact, so tests and benchmarks can check billing to the
-last token. OpenAI base URL: <root>/v1 (POST /v1/chat/completions, GET /v1/models); Anthropic
-base URL: <root> (POST /v1/messages). Any API key is accepted.
+last token. OpenAI base URL: <root>/v1 (POST /v1/chat/completions, /v1/responses,
+/v1/embeddings, GET /v1/models); Anthropic base URL: <root> (POST /v1/messages). Any API key is
+accepted.
+
+Responses: the same plan as a chat choice, capped by ``max_output_tokens`` (then status
+"incomplete" and the stream ends with response.incomplete); the prompt is
+``gateway.tokens.responses_input_tokens(input, instructions=...)``; directives come from a
+string input or the last user item; a stream is OpenAI's typed events, one output_text.delta
+per token, and [mock:fail=mid_stream] ends it with an ``error`` event after half the tokens.
+Embeddings: prompt_tokens = ``gateway.tokens.embedding_input_tokens(input)``; directives come
+from every string input; [mock:tokens] and the token classes do not apply; float or base64.
 
 Token rules (per choice):
 - The completion is ``completion_text(k)``: words from COMPLETION_WORDS in order, each exactly
@@ -38,9 +48,11 @@ Kept free of Django's ORM and settings so it is cheap per request and importable
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import re
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,7 +60,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.tokens import messages_tokens
+from gateway.tokens import embedding_input_tokens, messages_tokens, responses_input_tokens
 
 # Every word is one cl100k token, and a run of them tokenizes to one token per word (the
 # pre-tokenizer splits on the leading space), so text_tokens(completion_text(k)) == k.
@@ -280,6 +292,15 @@ async def _dropped_connection_middleware(
         raise asyncio.CancelledError from None
 
 
+async def _whole_answer_wait(request: web.Request, directives: Directives, *, chunks: int) -> None:
+    """A non-streamed answer's delay ([mock:delay_ms] per chunk it would have streamed), and
+    [mock:fail=mid_stream]: the connection dropped instead of an answer."""
+    await _sleep_ms(directives.delay_ms * chunks)
+    if directives.fail == FAIL_MID_STREAM:
+        _abort(request)
+        raise _ConnectionDropped
+
+
 # --- OpenAI Chat Completions -----------------------------------------------------------------
 
 _OPENAI_ERRORS = {
@@ -298,6 +319,22 @@ def openai_error(status: int, message: str, *, param: str | None = None) -> web.
     )
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return web.Response(status=status, body=_dumps(body), content_type="application/json")
+
+
+def openai_directives(text: str, *, param: str) -> Directives:
+    try:
+        return directives_parse(text)
+    except DirectiveError as exc:
+        raise BadRequest(str(exc), param=param) from exc
+
+
+def openai_failure_as_directed(directives: Directives) -> web.Response | None:
+    """The error answer [mock:status=NNN] or [mock:fail=before_first_chunk] asks for."""
+    if directives.status is not None and directives.status >= 400:
+        return openai_error(directives.status, f"mock upstream status {directives.status}")
+    if directives.fail == FAIL_BEFORE_FIRST_CHUNK:
+        return openai_error(500, "mock upstream failed before the first chunk")
+    return None
 
 
 def usage_as_directed(
@@ -345,17 +382,11 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise BadRequest("stream_options must be an object", param="stream_options")
-        try:
-            directives = directives_parse(last_user_text(messages))
-        except DirectiveError as exc:
-            raise BadRequest(str(exc), param="messages") from exc
+        directives = openai_directives(last_user_text(messages), param="messages")
     except BadRequest as exc:
         return openai_error(400, exc.message, param=exc.param)
-
-    if directives.status is not None and directives.status >= 400:
-        return openai_error(directives.status, f"mock upstream status {directives.status}")
-    if directives.fail == FAIL_BEFORE_FIRST_CHUNK:
-        return openai_error(500, "mock upstream failed before the first chunk")
+    if (failure := openai_failure_as_directed(directives)) is not None:
+        return failure
 
     plan = plan_make(
         directives=directives,
@@ -369,10 +400,7 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
     headers = {"x-request-id": completion_id}
 
     if not stream:
-        await _sleep_ms(directives.delay_ms * plan.visible_tokens * plan.choices)
-        if directives.fail == FAIL_MID_STREAM:
-            _abort(request)
-            raise _ConnectionDropped
+        await _whole_answer_wait(request, directives, chunks=plan.visible_tokens * plan.choices)
         text = completion_text(plan.visible_tokens)
         response: dict[str, Any] = {
             "id": completion_id,
@@ -523,10 +551,7 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     headers = {"request-id": f"req_mock{message_id[8:]}"}
 
     if not stream:
-        await _sleep_ms(directives.delay_ms * plan.visible_tokens)
-        if directives.fail == FAIL_MID_STREAM:
-            _abort(request)
-            raise _ConnectionDropped
+        await _whole_answer_wait(request, directives, chunks=plan.visible_tokens)
         message: dict[str, Any] = {
             "id": message_id,
             "type": "message",
@@ -609,10 +634,265 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     return sse
 
 
+# --- OpenAI Responses ------------------------------------------------------------------------
+
+
+def responses_usage(plan: Plan) -> dict[str, Any]:
+    output = plan.visible_tokens + plan.reasoning_tokens
+    return {
+        # As in Chat Completions, cached tokens are inside input_tokens and reasoning inside
+        # output_tokens.
+        "input_tokens": plan.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": plan.cached_tokens},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": plan.reasoning_tokens},
+        "total_tokens": plan.prompt_tokens + output,
+    }
+
+
+def _responses_input(body: dict[str, Any]) -> str | list[Any]:
+    value = body.get("input")
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return value
+    raise BadRequest("input must be a non-empty string or array of items", param="input")
+
+
+def _message_item(item_id: str, text: str, *, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": content if status == "completed" else [],
+    }
+
+
+def _reasoning_item(item_id: str) -> dict[str, Any]:
+    # OpenAI shows hidden reasoning as an item with no text (unless a summary was asked for).
+    return {"id": item_id, "type": "reasoning", "summary": []}
+
+
+def _response_object(
+    body: dict[str, Any],
+    *,
+    response_id: str,
+    created: int,
+    model: str,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": body.get("store", True),
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "metadata": {},
+    }
+
+
+async def openai_responses(request: web.Request) -> web.StreamResponse:
+    """The Responses API: a reasoning item (with [mock:reasoning_tokens]) and one message."""
+    try:
+        body = await _json_object(request)
+        model = _model(body)
+        items = _responses_input(body)
+        max_tokens = _positive_int(body, "max_output_tokens")
+        instructions = body.get("instructions")
+        stream = body.get("stream") is True
+        directives = openai_directives(
+            items if isinstance(items, str) else last_user_text(items), param="input"
+        )
+    except BadRequest as exc:
+        return openai_error(400, exc.message, param=exc.param)
+    if (failure := openai_failure_as_directed(directives)) is not None:
+        return failure
+
+    plan = plan_make(
+        directives=directives,
+        prompt_tokens=responses_input_tokens(items, instructions=instructions),
+        max_tokens=max_tokens,
+        choices=1,
+    )
+    number = next(_ids)
+    response_id, message_id, reasoning_id = (
+        f"resp_mock{number}",
+        f"msg_mock{number}",
+        f"rs_mock{number}",
+    )
+    created = int(time.time())
+    status = "incomplete" if plan.truncated else "completed"
+    text = completion_text(plan.visible_tokens)
+    final_output = [_message_item(message_id, text, status=status)]
+    if plan.reasoning_tokens:
+        final_output.insert(0, _reasoning_item(reasoning_id))
+    usage = None
+    if not directives.no_usage:
+        usage = usage_as_directed(responses_usage(plan), directives, output_key="output_tokens")
+
+    def response(status: str, output: list[dict[str, Any]], usage: Any) -> dict[str, Any]:
+        return _response_object(
+            body,
+            response_id=response_id,
+            created=created,
+            model=model,
+            status=status,
+            output=output,
+            usage=usage,
+        )
+
+    headers = {"x-request-id": f"req_mock{number}"}
+    if not stream:
+        await _whole_answer_wait(request, directives, chunks=plan.visible_tokens)
+        return web.Response(
+            body=_dumps(response(status, final_output, usage)),
+            content_type="application/json",
+            headers=headers,
+        )
+
+    sse = web.StreamResponse(
+        headers={
+            **headers,
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+        }
+    )
+    await sse.prepare(request)
+    sequence = itertools.count()
+
+    async def send(event_type: str, **fields: Any) -> None:
+        payload = {"type": event_type, **fields, "sequence_number": next(sequence)}
+        await sse.write(_sse_event(event_type, payload))
+
+    await send("response.created", response=response("in_progress", [], None))
+    await send("response.in_progress", response=response("in_progress", [], None))
+    message_index = 0
+    if plan.reasoning_tokens:
+        message_index = 1
+        await send("response.output_item.added", output_index=0, item=_reasoning_item(reasoning_id))
+        await send("response.output_item.done", output_index=0, item=_reasoning_item(reasoning_id))
+    place = {"item_id": message_id, "output_index": message_index, "content_index": 0}
+    await send(
+        "response.output_item.added",
+        output_index=message_index,
+        item=_message_item(message_id, "", status="in_progress"),
+    )
+    empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    await send("response.content_part.added", **place, part=empty_part)
+    tokens_to_send = (
+        plan.mid_stream_tokens if directives.fail == FAIL_MID_STREAM else plan.visible_tokens
+    )
+    for position in range(tokens_to_send):
+        await _sleep_ms(directives.delay_ms)
+        await send(
+            "response.output_text.delta", **place, delta=completion_token(position), logprobs=[]
+        )
+    if directives.fail == FAIL_MID_STREAM:
+        # OpenAI ends a stream that failed with an `error` event.
+        await send(
+            "error", code="server_error", message="mock upstream failed mid-stream", param=None
+        )
+        await sse.write_eof()
+        return sse
+    await send("response.output_text.done", **place, text=text, logprobs=[])
+    await send("response.content_part.done", **place, part={**empty_part, "text": text})
+    await send(
+        "response.output_item.done",
+        output_index=message_index,
+        item=final_output[message_index],
+    )
+    await send(f"response.{status}", response=response(status, final_output, usage))
+    await sse.write_eof()
+    return sse
+
+
+# --- OpenAI Embeddings -----------------------------------------------------------------------
+
+DEFAULT_EMBEDDING_DIMENSIONS = 8
+
+
+def _embedding_inputs(body: dict[str, Any]) -> list[Any]:
+    value = body.get("input")
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(token, int) for token in value):
+            return [value]  # one token array
+        if all((isinstance(item, str) and item) or isinstance(item, list) for item in value):
+            return value
+    raise BadRequest("input must be a non-empty string or array", param="input")
+
+
+def embedding_vector(index: int, dimensions: int) -> list[float]:
+    """Input `index`'s vector: eighths, so float32 (base64) holds them exactly."""
+    return [((index + position) % 8) / 8 - 0.5 for position in range(dimensions)]
+
+
+async def openai_embeddings(request: web.Request) -> web.Response:
+    """Embeddings: directives are read from every string input; [mock:delay_ms=D] is spent
+    once; [mock:tokens] and the token classes do not apply (nothing is generated)."""
+    try:
+        body = await _json_object(request)
+        model = _model(body)
+        inputs = _embedding_inputs(body)
+        dimensions = _positive_int(body, "dimensions") or DEFAULT_EMBEDDING_DIMENSIONS
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise BadRequest("encoding_format must be float or base64", param="encoding_format")
+        directives = openai_directives(
+            "\n".join(item for item in inputs if isinstance(item, str)), param="input"
+        )
+    except BadRequest as exc:
+        return openai_error(400, exc.message, param=exc.param)
+    if (failure := openai_failure_as_directed(directives)) is not None:
+        return failure
+    await _whole_answer_wait(request, directives, chunks=1)
+
+    data = []
+    for index in range(len(inputs)):
+        vector = embedding_vector(index, dimensions)
+        embedding: Any = vector
+        if encoding == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    response: dict[str, Any] = {"object": "list", "data": data, "model": model}
+    if not directives.no_usage:
+        prompt = embedding_input_tokens(body["input"])
+        response["usage"] = usage_as_directed(
+            {"prompt_tokens": prompt, "total_tokens": prompt},
+            directives,
+            output_key="prompt_tokens",
+        )
+    return web.Response(body=_dumps(response), content_type="application/json")
+
+
 def create_app() -> web.Application:
     """The mock upstream. OpenAI base URL: <root>/v1; Anthropic base URL: <root>."""
     app = web.Application(middlewares=[_dropped_connection_middleware])
     app.router.add_post("/v1/chat/completions", openai_chat_completions)
     app.router.add_get("/v1/models", openai_models)
     app.router.add_post("/v1/messages", anthropic_messages)
+    app.router.add_post("/v1/responses", openai_responses)
+    app.router.add_post("/v1/embeddings", openai_embeddings)
     return app

@@ -13,7 +13,7 @@ import orjson
 
 from billing.pricing import Usage
 from gateway.errors import GatewayError, invalid_param
-from gateway.tokens import text_tokens
+from gateway.tokens import messages_tokens, text_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,11 @@ class StreamState:
     def generated_tokens(self) -> int:
         return sum(text_tokens(text) for text in self.generated_texts())
 
+    def failure_event(self, message: str) -> bytes | None:
+        """The event that ends a stream the upstream broke, when it depends on the stream
+        (a numbered event); None: the adapter's stream_error."""
+        return None
+
 
 class Adapter:
     """Wire format of one endpoint: validation, upstream request, usage, errors."""
@@ -216,6 +221,16 @@ class Adapter:
     @classmethod
     def parse(cls, body: Any) -> ParsedRequest:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def prompt_tokens(cls, parsed: ParsedRequest) -> int:
+        """Our count of the request's input, without the hold's margin."""
+        return messages_tokens(parsed.messages, system=parsed.system)
+
+    @classmethod
+    def route_check(cls, *, model: str, upstream_kind: str) -> None:
+        """Raise the client's GatewayError if this endpoint cannot be served by the route's
+        kind of upstream (checked before anything is held)."""
 
     @classmethod
     def upstream_request(

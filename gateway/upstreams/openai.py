@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -33,18 +34,32 @@ from gateway.upstreams.base import (
 from gateway.upstreams.client import sse_event, sse_fields
 
 
-def openai_usage(raw: dict[str, Any] | None) -> Usage | None:
-    """OpenAI counts cached tokens inside prompt_tokens and reasoning inside completion_tokens.
-    None when absent or unreadable: the pipeline then bills its own count."""
+@dataclass(frozen=True)
+class UsageNames:
+    """Where an OpenAI endpoint's usage object keeps its counts: Chat Completions and the
+    Responses API name them differently, with the same meaning."""
+
+    input: str
+    output: str
+    input_details: str
+    output_details: str
+
+
+CHAT_USAGE = UsageNames(
+    "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+)
+
+
+def openai_usage(raw: dict[str, Any] | None, names: UsageNames = CHAT_USAGE) -> Usage | None:
+    """OpenAI counts cached tokens inside the input count and reasoning inside the output
+    count. None when absent or unreadable: the pipeline then bills its own count."""
     if not isinstance(raw, dict):
         return None
     try:
-        prompt = token_count(raw.get("prompt_tokens"))
-        completion = token_count(raw.get("completion_tokens"))
-        cached = token_count(usage_part(raw, "prompt_tokens_details").get("cached_tokens"))
-        reasoning = token_count(
-            usage_part(raw, "completion_tokens_details").get("reasoning_tokens")
-        )
+        prompt = token_count(raw.get(names.input))
+        completion = token_count(raw.get(names.output))
+        cached = token_count(usage_part(raw, names.input_details).get("cached_tokens"))
+        reasoning = token_count(usage_part(raw, names.output_details).get("reasoning_tokens"))
     except UnreadableUsage as exc:
         unreadable_usage_log(exc)
         return None
@@ -54,16 +69,16 @@ def openai_usage(raw: dict[str, Any] | None) -> Usage | None:
         output_tokens=completion,
         reasoning_tokens=reasoning,
     )
-    return usage_marked(usage, raw, counts=("prompt_tokens", "completion_tokens"))
+    return usage_marked(usage, raw, counts=(names.input, names.output))
 
 
-def openai_usage_json(usage: Usage, cost: str) -> dict[str, Any]:
+def openai_usage_json(usage: Usage, cost: str, names: UsageNames = CHAT_USAGE) -> dict[str, Any]:
     return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.output_tokens,
+        names.input: usage.prompt_tokens,
+        names.output: usage.output_tokens,
         "total_tokens": usage.prompt_tokens + usage.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
-        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        names.input_details: {"cached_tokens": usage.cached_input_tokens},
+        names.output_details: {"reasoning_tokens": usage.reasoning_tokens},
         "cost": cost,
         "estimated": usage.estimated,
     }
@@ -129,6 +144,29 @@ class OpenAIStreamState(StreamState):
             parts.append(sse_event(chunk))
         parts.append(b"data: [DONE]\n\n")
         return b"".join(parts)
+
+
+def openai_url(target: UpstreamTarget, path: str) -> str:
+    """`{base}/{path}`: an OpenAI upstream's base URL includes /v1."""
+    return f"{target.base_url.rstrip('/')}/{path}"
+
+
+def openai_route_check(*, model: str, upstream_kind: str, path: str) -> None:
+    """A 400 unless the route's upstream speaks OpenAI's API (the endpoint at `path` exists
+    only there)."""
+    if upstream_kind != "openai":
+        raise invalid_param(
+            "model",
+            f"The model '{model}' is served by an {upstream_kind} upstream; {path} is served "
+            "for OpenAI upstreams only.",
+        )
+
+
+def openai_headers(target: UpstreamTarget) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if target.api_key:
+        headers["Authorization"] = f"Bearer {target.api_key}"
+    return headers
 
 
 # The two names of the output limit, the current one first: it wins a tie.
@@ -200,10 +238,7 @@ class OpenAIChat(Adapter):
         if parsed.stream:
             # Always ask for usage; the pipeline strips it if the client did not.
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        headers = {"Content-Type": "application/json"}
-        if target.api_key:
-            headers["Authorization"] = f"Bearer {target.api_key}"
-        return f"{target.base_url.rstrip('/')}/chat/completions", headers, body
+        return openai_url(target, "chat/completions"), openai_headers(target), body
 
     @classmethod
     def usage_from_body(cls, body: dict[str, Any]) -> Usage | None:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,13 @@ from gateway.mock import (
     start_mock_upstream_in_thread,
     start_mock_upstream_process,
 )
-from gateway.tokens import messages_tokens, text_tokens
+from gateway.mock.server import DEFAULT_EMBEDDING_DIMENSIONS, embedding_vector
+from gateway.tokens import (
+    embedding_input_tokens,
+    messages_tokens,
+    responses_input_tokens,
+    text_tokens,
+)
 
 SYSTEM = "You are terse."
 
@@ -795,3 +801,251 @@ def test_run_mock_upstream_command_serves_on_the_given_port_and_stops_cleanly() 
     assert upstream.port == port
     assert completion.choices[0].message.content == completion_text(2)
     assert upstream.process.returncode == 0
+
+
+# --- OpenAI Responses --------------------------------------------------------------------------
+
+
+def responses_input(text: str) -> Any:
+    return [
+        {"role": "user", "content": "an earlier turn [mock:tokens=99]"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "input_text", "text": text}]},
+    ]
+
+
+def test_responses_non_stream_returns_the_completion_with_exact_usage(oai: openai.OpenAI) -> None:
+    items = responses_input("hello [mock:tokens=6]")
+
+    response = oai.responses.create(model="mock-model", input=items, instructions=SYSTEM)
+
+    assert response.output_text == completion_text(6)
+    assert response.status == "completed"
+    assert response.usage is not None
+    assert response.usage.input_tokens == responses_input_tokens(items, instructions=SYSTEM)
+    assert response.usage.output_tokens == 6
+    assert response.usage.total_tokens == response.usage.input_tokens + 6
+
+
+def test_responses_string_input_is_one_user_message(oai: openai.OpenAI) -> None:
+    response = oai.responses.create(model="mock-model", input="hi [mock:tokens=2]")
+
+    assert response.usage is not None
+    assert response.usage.input_tokens == messages_tokens(
+        [{"role": "user", "content": "hi [mock:tokens=2]"}]
+    )
+    assert response.output_text == completion_text(2)
+
+
+def test_responses_stream_sends_openais_typed_event_sequence(mock: MockUpstreamThread) -> None:
+    body = {"model": "m", "input": "go [mock:tokens=3]", "stream": True}
+
+    status, raw, error = raw_post(f"{mock.openai_base_url}/responses", body)
+
+    events = sse_events(raw)
+    assert (status, error) == (200, None)
+    assert [name for name, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert all(payload["type"] == name for name, payload in events)
+    assert [payload["sequence_number"] for _, payload in events] == list(range(len(events)))
+    assert [p["delta"] for n, p in events if n.endswith(".delta")] == list(COMPLETION_WORDS[:3])
+    assert events[0][1]["response"]["usage"] is None
+    final = events[-1][1]["response"]
+    assert final["usage"]["output_tokens"] == 3
+    assert final["output"][0]["content"][0]["text"] == completion_text(3)
+
+
+def test_responses_sdk_stream_accumulates_the_final_response(oai: openai.OpenAI) -> None:
+    with oai.responses.stream(model="mock-model", input="go [mock:tokens=4]") as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+
+    assert "".join(deltas) == final.output_text == completion_text(4)
+    assert final.usage is not None and final.usage.output_tokens == 4
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_responses_max_output_tokens_caps_the_completion_as_incomplete(
+    mock: MockUpstreamThread, stream: bool
+) -> None:
+    body = {"model": "m", "input": "[mock:tokens=40]", "max_output_tokens": 16, "stream": stream}
+
+    _, raw, _ = raw_post(f"{mock.openai_base_url}/responses", body)
+
+    response = sse_events(raw)[-1][1]["response"] if stream else json.loads(raw)
+    if stream:
+        assert sse_events(raw)[-1][0] == "response.incomplete"
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert response["usage"]["output_tokens"] == 16
+
+
+def test_responses_token_classes_are_inside_input_and_output(oai: openai.OpenAI) -> None:
+    items = responses_input("[mock:tokens=5] [mock:cached_tokens=4] [mock:reasoning_tokens=3]")
+
+    response = oai.responses.create(model="mock-model", input=items)
+
+    assert response.usage is not None
+    assert response.usage.input_tokens == responses_input_tokens(items)
+    assert response.usage.input_tokens_details.cached_tokens == 4
+    assert response.usage.output_tokens == 8
+    assert response.usage.output_tokens_details.reasoning_tokens == 3
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+
+
+def test_responses_fail_mid_stream_ends_with_an_error_event_after_half_the_tokens(
+    mock: MockUpstreamThread,
+) -> None:
+    body = {"model": "m", "input": "[mock:tokens=10] [mock:fail=mid_stream]", "stream": True}
+
+    _, raw, _ = raw_post(f"{mock.openai_base_url}/responses", body)
+
+    events = sse_events(raw)
+    names = [name for name, _ in events]
+    assert names.count("response.output_text.delta") == 5
+    assert names[-1] == "error" and "response.completed" not in names
+    assert events[-1][1]["type"] == "error" and events[-1][1]["message"]
+
+
+@pytest.mark.parametrize(
+    ("directive", "status"),
+    [("[mock:fail=before_first_chunk]", 500), ("[mock:status=429]", 429)],
+    ids=["fail_before_first_chunk", "429"],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_responses_failures_before_the_first_event_are_openai_errors(
+    mock: MockUpstreamThread, directive: str, status: int, stream: bool
+) -> None:
+    body = {"model": "m", "input": f"x {directive}", "stream": stream}
+
+    got, raw, _ = raw_post(f"{mock.openai_base_url}/responses", body)
+
+    assert got == status
+    assert set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_responses_fail_mid_stream_non_stream_drops_the_connection(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIConnectionError):
+        oai.responses.create(model="mock-model", input="[mock:fail=mid_stream]")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_responses_no_usage_omits_usage(mock: MockUpstreamThread, stream: bool) -> None:
+    body = {"model": "m", "input": "[mock:tokens=3] [mock:no_usage]", "stream": stream}
+
+    _, raw, _ = raw_post(f"{mock.openai_base_url}/responses", body)
+
+    response = sse_events(raw)[-1][1]["response"] if stream else json.loads(raw)
+    assert response["usage"] is None
+    assert response["output"][0]["content"][0]["text"] == completion_text(3)
+
+
+@pytest.mark.parametrize(
+    ("directive", "expected"),
+    [("[mock:bad_usage]", -4), ("[mock:partial_usage]", None)],
+    ids=["bad_usage", "partial_usage"],
+)
+def test_responses_spoiled_usage_directives_spoil_the_output_count(
+    mock: MockUpstreamThread, directive: str, expected: int | None
+) -> None:
+    body = {"model": "m", "input": f"[mock:tokens=3] {directive}"}
+
+    _, raw, _ = raw_post(f"{mock.openai_base_url}/responses", body)
+
+    assert json.loads(raw)["usage"].get("output_tokens") == expected
+
+
+def test_responses_delay_is_spent_before_each_delta(oai: openai.OpenAI) -> None:
+    started = time.monotonic()
+    list(
+        oai.responses.create(
+            model="mock-model", input="[mock:tokens=4] [mock:delay_ms=50]", stream=True
+        )
+    )
+    assert time.monotonic() - started >= 0.2
+
+
+# --- OpenAI Embeddings -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    ["one text", ["two", "texts here"], [1, 2, 3], [[1, 2], [3, 4, 5]]],
+    ids=["string", "strings", "token_array", "token_arrays"],
+)
+def test_embeddings_bill_exactly_our_count_of_the_input(oai: openai.OpenAI, inputs: Any) -> None:
+    # The SDK asks for base64 unless told otherwise, and decodes it.
+    result = oai.embeddings.create(model="mock-model", input=inputs)
+
+    expected_vectors = 1 if isinstance(inputs, str) or isinstance(inputs[0], int) else len(inputs)
+    assert [item.index for item in result.data] == list(range(expected_vectors))
+    assert result.data[0].embedding == embedding_vector(0, DEFAULT_EMBEDDING_DIMENSIONS)
+    assert result.usage.prompt_tokens == result.usage.total_tokens
+    assert result.usage.prompt_tokens == embedding_input_tokens(inputs)
+
+
+def test_embeddings_float_format_and_dimensions(mock: MockUpstreamThread) -> None:
+    body = {"model": "m", "input": "x", "encoding_format": "float", "dimensions": 3}
+
+    status, raw, _ = raw_post(f"{mock.openai_base_url}/embeddings", body)
+
+    assert status == 200
+    assert json.loads(raw)["data"][0]["embedding"] == embedding_vector(0, 3)
+
+
+@pytest.mark.parametrize(
+    ("directive", "status"),
+    [("[mock:fail=before_first_chunk]", 500), ("[mock:status=429]", 429)],
+    ids=["fail_before_first_chunk", "429"],
+)
+def test_embeddings_failure_directives_are_openai_errors(
+    mock: MockUpstreamThread, directive: str, status: int
+) -> None:
+    got, raw, _ = raw_post(f"{mock.openai_base_url}/embeddings", {"model": "m", "input": directive})
+
+    assert got == status
+    assert set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_embeddings_fail_mid_stream_drops_the_connection(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIConnectionError):
+        oai.embeddings.create(model="mock-model", input="[mock:fail=mid_stream]")
+
+
+@pytest.mark.parametrize(
+    ("directive", "usage"),
+    [
+        ("[mock:no_usage]", lambda n: None),
+        ("[mock:bad_usage]", lambda n: {"prompt_tokens": -1 - n, "total_tokens": n}),
+        ("[mock:partial_usage]", lambda n: {"total_tokens": n}),
+    ],
+    ids=["no_usage", "bad_usage", "partial_usage"],
+)
+def test_embeddings_usage_directives(
+    mock: MockUpstreamThread, directive: str, usage: Callable[[int], dict[str, int] | None]
+) -> None:
+    text = f"some words {directive}"
+
+    _, raw, _ = raw_post(f"{mock.openai_base_url}/embeddings", {"model": "m", "input": text})
+
+    assert json.loads(raw).get("usage") == usage(embedding_input_tokens(text))
+
+
+def test_embeddings_bad_directive_is_a_400_naming_input(mock: MockUpstreamThread) -> None:
+    status, raw, _ = raw_post(
+        f"{mock.openai_base_url}/embeddings", {"model": "m", "input": "[mock:tokens=x]"}
+    )
+
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == "input"
