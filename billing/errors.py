@@ -79,6 +79,18 @@ class InvalidAmount(BillingError):
     pass
 
 
+class ApiKeyNotFound(AccountNotFound):
+    """No such key (in the account asked about)."""
+
+
+class InvalidKeyField(InvalidAmount):
+    """An API key setting that cannot be stored; `field` names the service's argument."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class ModelNotPriced(BillingError):
     def __init__(self, *, model_alias: str) -> None:
         super().__init__(f"model {model_alias!r} has no tariff")

@@ -72,6 +72,15 @@ REQUEST_LATENCY = Histogram(
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors_total", "Upstream failures by stage and kind.", ["stage", "kind"]
 )
+RATELIMIT_REFUSALS = Counter(
+    "gateway_ratelimit_refusals_total", "Requests refused by their key's rate limit.", ["limit"]
+)
+RATELIMIT_UNAVAILABLE = Counter(
+    "gateway_ratelimit_unavailable_total",
+    "Rate-limit checks and token counts let through unchecked (fail open) because the store "
+    "(Redis) failed, did not answer, or was resting after a failure.",
+    ["step"],
+)
 AUDIT_MISMATCHES = Counter(
     "billing_audit_mismatches_total", "Accounts whose cached balance differed from the ledger."
 )

@@ -23,6 +23,16 @@ class Command(BillingCommand):
             default=ApiKey.Purpose.REALTIME,
             help="realtime (default), batch, playground or platform",
         )
+        parser.add_argument(
+            "--scope",
+            default=ApiKey.Scope.INFERENCE,
+            help="inference (default: completions and /v1/billing/ reads) or admin (also the "
+            "account's /v1/keys)",
+        )
+        parser.add_argument("--rpm", type=int, help="at most this many requests in any 60 s")
+        parser.add_argument(
+            "--tpm", type=int, help="billed tokens (input plus output) per 60 s before refusing"
+        )
         parser.add_argument("--budget", help="spend limit in USD per --budget-period")
         parser.add_argument("--budget-period", default="", help="day, week or month (UTC)")
         parser.add_argument("--expires", help="ISO 8601 expiry (naive means UTC)")
@@ -40,6 +50,11 @@ class Command(BillingCommand):
                 f"invalid --purpose {options['purpose']!r}: "
                 f"choose one of {', '.join(ApiKey.Purpose.values)}"
             )
+        if options["scope"] not in ApiKey.Scope.values:
+            raise CommandError(f"invalid --scope {options['scope']!r}: choose inference or admin")
+        for name in ("rpm", "tpm"):
+            if options[name] is not None and options[name] < 1:
+                raise CommandError(f"invalid --{name} {options[name]}: must be 1 or more")
         budget = (
             None if options["budget"] is None else parse_amount(options["budget"], what="--budget")
         )
@@ -56,9 +71,12 @@ class Command(BillingCommand):
             now=now,
             name=options["name"],
             purpose=options["purpose"],
+            scope=options["scope"],
             completion_window=options["completion_window"],
             budget_limit=budget,
             budget_period=period,
+            rpm=options["rpm"],
+            tpm=options["tpm"],
             expires_at=expires,
         )
         key = issued.api_key
@@ -69,9 +87,12 @@ class Command(BillingCommand):
             "prefix": key.prefix,
             "name": key.name,
             "purpose": key.purpose,
+            "scope": key.scope,
             "completion_window": key.completion_window,
             "budget": None if key.budget_limit is None else money_str(key.budget_limit),
             "budget_period": key.budget_period or None,
+            "rpm": key.rpm,
+            "tpm": key.tpm,
             "expires_at": key.expires_at.isoformat() if key.expires_at else None,
         }
 
