@@ -28,12 +28,17 @@ class ReconciliationItem(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     # Looked up with its kind: the unique (kind, request_id) index below serves it.
     request_id = models.CharField(max_length=64, blank=True, default="")
+    # No database constraint: the sweep writes an item per expired hold (a million in one run),
+    # and each row's deferred foreign-key check was an eighth of the sweep's server time. The
+    # account is always the one of a hold or a posting, whose own constraints guarantee it
+    # exists, and accounts are never deleted (PROTECT everywhere).
     account = models.ForeignKey(
         Account,
         null=True,
         blank=True,
         on_delete=models.PROTECT,
         related_name="reconciliation_items",
+        db_constraint=False,
     )
     key_prefix = models.CharField(max_length=16, blank=True, default="")  # never the secret
     model_alias = models.CharField(max_length=200, blank=True, default="")
