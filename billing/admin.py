@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
-from decimal import Decimal
+from datetime import date, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -29,7 +29,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.http import urlencode
 
-from billing.errors import BillingError, RefundExceedsPaid
+from billing.errors import AccountNotFound, BillingError, RefundExceedsPaid
 from billing.models import (
     SYSTEM_ACCOUNT_IDS,
     Account,
@@ -41,15 +41,91 @@ from billing.models import (
     Tariff,
     UsageRecord,
 )
-from billing.money import MoneyError, MoneyField, balance_after, money_form_field, money_str
+from billing.money import (
+    MONEY_PLACES,
+    ZERO,
+    MoneyError,
+    MoneyField,
+    balance_after,
+    money_form_field,
+    money_str,
+)
+from billing.selectors import AccountOverview, account_overview_get
 from billing.services.accounts import CREDIT_SOURCES, account_refundable
+from billing.statements import (
+    month_parse,
+    statement_context,
+    statement_get,
+    statement_months,
+    statement_pdf,
+)
 
 STATEMENT_PAGE_SIZE = 50
 CSV_BATCH_SIZE = 1000
 
 
-def money_display(amount: Decimal | None) -> str:
-    return "—" if amount is None else money_str(amount)
+READING_QUANTUM = Decimal("0.0001")  # the admin shows amounts to 4 places, at least 2
+
+
+def money_reading(amount: Decimal) -> str:
+    """An amount rounded for reading: 4 places, trailing zeros trimmed down to 2, thousands
+    grouped; a non-zero amount that would read as zero keeps two significant digits (one
+    request's cost is often a few millionths of a dollar)."""
+    rounded = amount.quantize(READING_QUANTUM, rounding=ROUND_HALF_EVEN)
+    if rounded == 0 and amount != 0:
+        places = max(amount.adjusted() - 1, -MONEY_PLACES)
+        tiny = amount.quantize(Decimal(1).scaleb(places), rounding=ROUND_HALF_EVEN)
+        return f"{tiny.normalize():f}"
+    whole, _, fraction = f"{rounded:,f}".partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
+
+
+def money_display(amount: Decimal | None, *, exact: bool = False) -> str:
+    """How the admin shows every amount: rounded for reading, the exact value on hover (the
+    title). `exact` shows the exact value itself, where the figure is the point of the page (a
+    confirmation's effect, a posting's legs). Exports, commands and the API print `money_str`."""
+    if amount is None:
+        return "—"
+    if exact:
+        return money_str(amount)
+    return format_html(
+        '<span class="money" title="{} USD">{}</span>', money_str(amount), money_reading(amount)
+    )
+
+
+CHART_WIDTH = 720
+CHART_HEIGHT = 120
+
+
+def day_bars(days: list[tuple[date, Decimal]], *, unit: str, exact: bool = True) -> dict[str, Any]:
+    """The geometry of a server-rendered SVG bar chart of one figure per day (no JavaScript and
+    no CDN: the machines are offline). Each bar's title gives its day and figure."""
+    peak = max((value for _, value in days), default=Decimal(0))
+    slot = Decimal(CHART_WIDTH) / max(len(days), 1)
+    bars = []
+    for index, (day, value) in enumerate(days):
+        # Pixels computed in Decimal, so no float ever meets an amount.
+        height = (value / peak * CHART_HEIGHT).quantize(Decimal("0.1")) if peak > 0 else 0
+        bars.append(
+            {
+                "x": (index * slot + 1).quantize(Decimal("0.1")),
+                "y": CHART_HEIGHT - height,
+                "width": (slot - 2).quantize(Decimal("0.1")),
+                "height": height,
+                "title": f"{day:%Y-%m-%d}: {money_str(value) if exact else value} {unit}",
+                "label": f"{day:%m-%d}" if index % 7 == 0 or index == len(days) - 1 else "",
+                "label_x": (index * slot + slot / 2).quantize(Decimal("0.1")),
+            }
+        )
+    return {
+        "bars": bars,
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "total_height": CHART_HEIGHT + 16,
+        "label_y": CHART_HEIGHT + 12,
+        "peak": money_display(peak) if exact else f"{peak:,}",
+        "unit": unit,
+    }
 
 
 def duration_display(delta: timedelta) -> str:
@@ -80,6 +156,17 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 # --- Accounts ---------------------------------------------------------------------------------
 
 
+def memo_required(memo: str) -> str:
+    memo = memo.strip()
+    if not memo:
+        raise forms.ValidationError("A memo is required.")
+    return memo
+
+
+def form_key_new() -> str:
+    return uuid.uuid4().hex
+
+
 class CreditForm(forms.Form):
     amount = money_form_field()  # within what the database holds: beyond it, a form error
     memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
@@ -87,10 +174,41 @@ class CreditForm(forms.Form):
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
     def clean_memo(self) -> str:
-        memo = self.cleaned_data["memo"].strip()
-        if not memo:
-            raise forms.ValidationError("A memo is required.")
-        return memo
+        return memo_required(self.cleaned_data["memo"])
+
+
+class AccountOpenForm(forms.Form):
+    """A new customer account. The opening credit is posted next, on the grant or purchase
+    confirmation page, so it is reviewed and recorded like any other credit."""
+
+    name = forms.CharField(max_length=200)
+    billing_email = forms.EmailField(required=False)
+    overdraft = money_form_field(
+        min_value=ZERO,
+        initial=ZERO,
+        help_text="How far below zero the available balance may go (USD).",
+    )
+    opening_credit = money_form_field(
+        min_value=ZERO,
+        required=False,
+        help_text="USD. Posted next, on its own confirmation page.",
+    )
+    opening_credit_kind = forms.ChoiceField(
+        choices=[
+            (LedgerTransaction.Kind.GRANT, "Grant (promotional credit)"),
+            (LedgerTransaction.Kind.PURCHASE, "Purchase (paid by the customer)"),
+        ],
+        initial=LedgerTransaction.Kind.GRANT,
+    )
+    memo = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why this account: recorded as a staff action.",
+    )
+    # Made when the form is first rendered: a double submit creates one account.
+    form_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
+
+    def clean_memo(self) -> str:
+        return memo_required(self.cleaned_data["memo"])
 
 
 CREDIT_KIND_LABELS: dict[str, str] = {
@@ -152,6 +270,13 @@ class AccountAdmin(ReadOnlyAdmin):
         "available_display",
         "overdraft_display",
         "created_at",
+        # Payments and alerts (billing/payments/): set by set_auto_topup / set_alerts and the API.
+        "billing_email",
+        "low_balance_threshold",
+        "webhook_url",
+        ("auto_topup_enabled", "auto_topup_threshold", "auto_topup_amount"),
+        "auto_topup_monthly_limit",
+        ("payment_customer_id", "payment_method_id"),
     )
     actions = [_credit_action(kind) for kind in CREDIT_KIND_LABELS]
 
@@ -211,6 +336,82 @@ class AccountAdmin(ReadOnlyAdmin):
             *super().get_urls(),
         ]
 
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Opening an account moves no money: the opening credit needs post_adjustment on
+        # its own confirmation page.
+        return request.user.has_perm("billing.add_account")
+
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """The Add button: the account's fields, a review of them, then the opening credit's
+        own confirmation page. One StaffAction (account_open), one history entry."""
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.services.onboarding import account_open_by_staff
+
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        stage = "edit"
+        if request.method == "POST":
+            form = AccountOpenForm(request.POST)
+            if form.is_valid() and "confirm" in request.POST:
+                data = form.cleaned_data
+                try:
+                    opened = account_open_by_staff(
+                        name=data["name"],
+                        billing_email=data["billing_email"],
+                        overdraft=data["overdraft"],
+                        user=request.user,  # type: ignore[arg-type]
+                        memo=data["memo"],
+                        form_key=data["form_key"],
+                        now=timezone.now(),
+                    )
+                except BillingError as exc:
+                    form.add_error(None, str(exc))
+                else:
+                    return self._account_opened(request, opened, form)
+            elif form.is_valid():
+                stage = "confirm"
+        else:
+            form = AccountOpenForm(initial={"form_key": form_key_new()})
+        credit = form.cleaned_data.get("opening_credit") if stage == "confirm" else None
+        return TemplateResponse(
+            request,
+            "admin/billing/account/open.html",
+            self._context(
+                request,
+                "Add a customer account" + (": confirm" if stage == "confirm" else ""),
+                form=form,
+                stage=stage,
+                overdraft=(
+                    money_display(form.cleaned_data["overdraft"], exact=True)
+                    if stage == "confirm"
+                    else None
+                ),
+                opening_credit=money_display(credit, exact=True) if credit else None,
+                can_credit=self.has_post_adjustment_permission(request),
+            ),
+        )
+
+    def _account_opened(self, request: HttpRequest, opened: Any, form: AccountOpenForm) -> Any:
+        account = opened.account
+        if opened.replayed:
+            self.message_user(
+                request,
+                f"This form already created {account}; nothing new was created.",
+                messages.WARNING,
+            )
+            return redirect("admin:billing_account_change", account.pk)
+        self.log_addition(request, account, [{"added": {}}])
+        self.message_user(request, f"Created {account}.", messages.SUCCESS)
+        credit = form.cleaned_data["opening_credit"]
+        if credit and self.has_post_adjustment_permission(request):
+            kind = form.cleaned_data["opening_credit_kind"]
+            query = urlencode({"amount": money_str(credit), "memo": "Opening credit"})
+            url = reverse("admin:billing_account_credit", args=[account.pk, kind])
+            return redirect(f"{url}?{query}")
+        return redirect("admin:billing_account_change", account.pk)
+
     def change_view(
         self,
         request: HttpRequest,
@@ -219,7 +420,109 @@ class AccountAdmin(ReadOnlyAdmin):
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
         extra = {"credit_kinds": self._credit_kinds(request)}
+        if object_id.lstrip("-").isdigit() and self.has_view_permission(request):
+            try:
+                overview = account_overview_get(account_id=int(object_id), now=timezone.now())
+            except AccountNotFound:
+                pass  # the admin's own "does not exist" answer follows
+            else:
+                extra.update(self._overview_context(request, overview))
         return super().change_view(request, object_id, form_url, {**(extra_context or {}), **extra})
+
+    def _overview_context(self, request: HttpRequest, overview: AccountOverview) -> dict[str, Any]:
+        """The account page as one screen: figures, keys, holds, entries, usage, open items."""
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.selectors import account_items_open
+
+        account = overview.account
+        user = request.user
+        can_change_keys = user.has_perm("billing.change_apikey")
+        can_revoke = can_change_keys or user.has_perm("billing.post_adjustment")
+        revoke_url = reverse("admin:billing_apikey_revoke")
+        keys = [
+            {
+                "key": key,
+                "budget": money_display(key.budget_limit),
+                "spent": money_display(key.budget_spent),
+                "held": money_display(key.budget_held),
+                "budget_url": (
+                    reverse("admin:billing_apikey_budget", args=[key.pk])
+                    if can_change_keys and key.status == ApiKey.Status.ACTIVE
+                    else None
+                ),
+                "revoke_url": (
+                    f"{revoke_url}?{urlencode({'ids': key.pk})}"
+                    if can_revoke and key.status == ApiKey.Status.ACTIVE
+                    else None
+                ),
+            }
+            for key in overview.keys
+        ]
+        holds = [
+            {"hold": hold, "amount": money_display(hold.amount)} for hold in overview.active_holds
+        ]
+        entries = [
+            {"leg": leg, "txn": leg.transaction, "amount": money_display(leg.amount)}
+            for leg in overview.entries
+        ]
+        items = [
+            {
+                "item": item,
+                "cost": money_display(item.cost),
+                "held": money_display(item.held_amount),
+            }
+            for item in account_items_open(account_id=account.pk)
+        ]
+        usage = overview.usage_by_day
+        return {
+            "overview": overview,
+            "figures": [
+                (name, money_display(amount), money_str(amount))
+                for name, amount in (
+                    ("Balance", overview.balance),
+                    ("Held", account.held),
+                    ("Available", overview.balance - account.held),
+                    ("Overdraft allowed", account.overdraft),
+                )
+            ],
+            "keys": keys,
+            "holds": holds,
+            "entries": entries,
+            "items": items,
+            "usage_days": [
+                {
+                    "day": day.day,
+                    "requests": day.requests,
+                    "tokens": day.tokens,
+                    "cost": money_display(day.cost),
+                }
+                for day in usage
+            ],
+            "usage_cost": money_display(overview.usage_cost),
+            "spend_chart": day_bars([(day.day, day.cost) for day in usage], unit="USD"),
+            "tokens_chart": day_bars(
+                [(day.day, Decimal(day.tokens)) for day in usage], unit="tokens", exact=False
+            ),
+            "issue_key_url": (
+                f"{reverse('admin:billing_apikey_add')}?{urlencode({'account': account.pk})}"
+                if user.has_perm("billing.add_apikey") and not account.is_system
+                else None
+            ),
+            "keys_url": (
+                f"{reverse('admin:billing_apikey_changelist')}?account__id__exact={account.pk}"
+            ),
+            "holds_url": (
+                f"{reverse('admin:billing_hold_changelist')}"
+                f"?account__id__exact={account.pk}&state__exact=active"
+            ),
+            "ledger_url": reverse("admin:billing_ledgertransaction_changelist")
+            + f"?account={account.pk}",
+            "items_url": (
+                f"{reverse('admin:reconciliation_reconciliationitem_changelist')}"
+                f"?account__id__exact={account.pk}&status__exact=pending"
+            ),
+            "statement_url": reverse("admin:billing_account_statement", args=[account.pk]),
+        }
 
     def _context(self, request: HttpRequest, title: str, **more: Any) -> dict[str, Any]:
         return {
@@ -235,6 +538,8 @@ class AccountAdmin(ReadOnlyAdmin):
         account = Account.objects.filter(pk=account_id).first()
         if account is None:
             raise Http404("no such account")
+        if request.GET.get("month") and not account.is_system:
+            return self._month_statement(request, account, request.GET["month"])
         legs = (
             LedgerLeg.objects.filter(account_id=account_id)
             .select_related("transaction")
@@ -257,7 +562,7 @@ class AccountAdmin(ReadOnlyAdmin):
                 request,
                 f"Statement of {account}",
                 account=account,
-                balance=money_display(balance),
+                balance=money_display(balance, exact=True),
                 page=page,
                 rows=[
                     {"leg": leg, "txn": leg.transaction, "amount": money_str(leg.amount)}
@@ -266,6 +571,38 @@ class AccountAdmin(ReadOnlyAdmin):
                 ledger_url=reverse("admin:billing_ledgertransaction_changelist")
                 + f"?account={account.pk}",
                 credit_kinds=self._credit_kinds(request) if not account.is_system else [],
+                months=[]
+                if account.is_system
+                else statement_months(account_id=account.pk, now=timezone.now()),
+            ),
+        )
+
+    def _month_statement(self, request: HttpRequest, account: Account, month: str) -> HttpResponse:
+        """The account's statement of one UTC month (?month=YYYY-MM): as issued if it was,
+        else from the ledger now (provisional for the current month); &format=pdf for PDF."""
+        try:
+            figures, pdf = statement_get(
+                account_id=account.pk, month=month_parse(month), now=timezone.now()
+            )
+        except BillingError as exc:
+            messages.error(request, str(exc))
+            return redirect("admin:billing_account_statement", account_id=account.pk)
+        if request.GET.get("format") == "pdf":
+            response = HttpResponse(
+                pdf if pdf is not None else statement_pdf(figures), content_type="application/pdf"
+            )
+            response["Content-Disposition"] = f'inline; filename="statement-{month}.pdf"'
+            return response
+        return TemplateResponse(
+            request,
+            "admin/billing/account/statement.html",
+            self._context(
+                request,
+                f"Statement of {account} for {figures.data['month']}",
+                account=account,
+                month=figures.data["month"],
+                months=statement_months(account_id=account.pk, now=timezone.now()),
+                **statement_context(figures),
             ),
         )
 
@@ -339,12 +676,19 @@ class AccountAdmin(ReadOnlyAdmin):
                                 f"as transaction #{posted.transaction_id}.",
                                 messages.SUCCESS,
                             )
-                        return redirect("admin:billing_account_statement", account_id=account.pk)
+                        return redirect("admin:billing_account_change", account.pk)
                 else:
                     stage = "confirm"
                     new_balance = after
         else:
-            form = CreditForm(initial={"idempotency_key": uuid.uuid4().hex})
+            # Prefilled when account onboarding hands its opening credit over to this page.
+            form = CreditForm(
+                initial={
+                    "idempotency_key": form_key_new(),
+                    "amount": request.GET.get("amount", ""),
+                    "memo": request.GET.get("memo", ""),
+                }
+            )
         return TemplateResponse(
             request,
             "admin/billing/account/credit_confirm.html",
@@ -355,11 +699,15 @@ class AccountAdmin(ReadOnlyAdmin):
                 kind=kind,
                 form=form,
                 stage=stage,
-                balance=money_display(account.balance),
-                new_balance=money_display(new_balance) if new_balance is not None else None,
+                balance=money_display(account.balance, exact=True),
+                new_balance=(
+                    money_display(new_balance, exact=True) if new_balance is not None else None
+                ),
                 amount=money_str(form.cleaned_data["amount"]) if stage == "confirm" else None,
                 source=CREDIT_SOURCES[kind],
-                refundable=money_display(refundable) if refundable is not None else None,
+                refundable=(
+                    money_display(refundable, exact=True) if refundable is not None else None
+                ),
             ),
         )
 
@@ -371,10 +719,64 @@ class MemoForm(forms.Form):
     memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
 
     def clean_memo(self) -> str:
-        memo = self.cleaned_data["memo"].strip()
-        if not memo:
-            raise forms.ValidationError("A memo is required.")
-        return memo
+        return memo_required(self.cleaned_data["memo"])
+
+
+BUDGET_PERIOD_CHOICES = [("", "no budget"), *ApiKey.BudgetPeriod.choices]
+
+
+class KeyIssueForm(forms.Form):
+    """A new key. Its secret is made by the service and shown once, on the page that answers
+    the confirmation; nothing here ever holds it."""
+
+    account = forms.ModelChoiceField(
+        queryset=Account.objects.filter(
+            kind=Account.Kind.CUSTOMER, status=Account.Status.ACTIVE
+        ).order_by("name", "pk")
+    )
+    name = forms.CharField(max_length=200, required=False)
+    purpose = forms.ChoiceField(choices=ApiKey.Purpose.choices, initial=ApiKey.Purpose.REALTIME)
+    scope = forms.ChoiceField(
+        choices=ApiKey.Scope.choices,
+        initial=ApiKey.Scope.INFERENCE,
+        help_text="inference: completions and the account's reads; admin: also the account's "
+        "self-service endpoints.",
+    )
+    budget_limit = money_form_field(min_value=ZERO, required=False, label="Budget (USD)")
+    budget_period = forms.ChoiceField(choices=BUDGET_PERIOD_CHOICES, required=False)
+    expires_at = forms.DateTimeField(
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="UTC. Empty: the key does not expire.",
+    )
+    memo = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why this key: recorded as a staff action (never the secret).",
+    )
+    # Made when the form is first rendered: a second submit (a reload) issues nothing new.
+    form_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
+
+    def clean_memo(self) -> str:
+        return memo_required(self.cleaned_data["memo"])
+
+
+class KeyBudgetForm(forms.Form):
+    budget_limit = money_form_field(min_value=ZERO, required=False, label="Budget (USD)")
+    budget_period = forms.ChoiceField(choices=BUDGET_PERIOD_CHOICES, required=False)
+    memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+
+    def clean_memo(self) -> str:
+        return memo_required(self.cleaned_data["memo"])
+
+
+def _service_error(form: forms.Form, exc: BillingError) -> None:
+    """Show a service's refusal on the form field it names, if the form has one."""
+    field = getattr(exc, "field", None)
+    form.add_error(field if field in form.fields else None, str(exc))
+
+
+def _budget_text(limit: Decimal | None, period: str) -> str:
+    return "no budget" if limit is None else f"{money_str(limit)} USD per {period}"
 
 
 @admin.register(ApiKey)
@@ -385,6 +787,7 @@ class ApiKeyAdmin(ReadOnlyAdmin):
         "name",
         "account",
         "purpose",
+        "scope",
         "completion_window",
         "status",
         "created_at",
@@ -394,6 +797,8 @@ class ApiKeyAdmin(ReadOnlyAdmin):
         "budget_period",
         "budget_spent_display",
         "budget_held_display",
+        "rpm",
+        "tpm",
     )
     readonly_fields = ("budget_limit_display", "budget_spent_display", "budget_held_display")
     list_display = (
@@ -401,11 +806,14 @@ class ApiKeyAdmin(ReadOnlyAdmin):
         "name",
         "account",
         "purpose",
+        "scope",
         "status",
         "budget_limit_display",
         "budget_period",
         "budget_spent_display",
         "budget_held_display",
+        "rpm",
+        "tpm",
         "created_at",
     )
     list_filter = ("status", "purpose")
@@ -416,6 +824,170 @@ class ApiKeyAdmin(ReadOnlyAdmin):
     def has_revoke_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("billing.change_apikey") or request.user.has_perm(
             "billing.post_adjustment"
+        )
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("billing.add_apikey")
+
+    def has_budget_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("billing.change_apikey")
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        tools = []
+        key = ApiKey.objects.filter(pk=object_id).first() if object_id.isdigit() else None
+        if key is not None:
+            tools.append(
+                (reverse("admin:billing_account_change", args=[key.account_id]), "Account")
+            )
+            if key.status == ApiKey.Status.ACTIVE and self.has_budget_permission(request):
+                tools.append((reverse("admin:billing_apikey_budget", args=[key.pk]), "Edit budget"))
+            if key.status == ApiKey.Status.ACTIVE and self.has_revoke_permission(request):
+                url = reverse("admin:billing_apikey_revoke")
+                tools.append((f"{url}?{urlencode({'ids': key.pk})}", "Revoke"))
+        return super().change_view(
+            request, object_id, form_url, {**(extra_context or {}), "key_tools": tools}
+        )
+
+    def _context(self, request: HttpRequest, title: str, **more: Any) -> dict[str, Any]:
+        return {**self.admin_site.each_context(request), "opts": self.opts, "title": title, **more}
+
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """Issue a key: the settings, a review of them, then the secret, once."""
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.services.onboarding import api_key_issue_by_staff
+
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        stage = "edit"
+        if request.method == "POST":
+            form = KeyIssueForm(request.POST)
+            if form.is_valid() and "confirm" in request.POST:
+                data = form.cleaned_data
+                try:
+                    issued = api_key_issue_by_staff(
+                        account_id=data["account"].pk,
+                        name=data["name"],
+                        purpose=data["purpose"],
+                        scope=data["scope"],
+                        budget_limit=data["budget_limit"],
+                        budget_period=data["budget_period"],
+                        expires_at=data["expires_at"],
+                        user=request.user,  # type: ignore[arg-type]
+                        memo=data["memo"],
+                        form_key=data["form_key"],
+                        now=timezone.now(),
+                    )
+                except BillingError as exc:
+                    _service_error(form, exc)
+                else:
+                    return self._key_issued(request, issued)
+            elif form.is_valid():
+                stage = "confirm"
+        else:
+            initial: dict[str, Any] = {"form_key": form_key_new()}
+            account = request.GET.get("account", "")
+            if account.isdigit():
+                initial["account"] = int(account)
+            form = KeyIssueForm(initial=initial)
+        data = form.cleaned_data if stage == "confirm" else {}
+        return TemplateResponse(
+            request,
+            "admin/billing/apikey/issue.html",
+            self._context(
+                request,
+                "Issue an API key" + (": confirm" if stage == "confirm" else ""),
+                form=form,
+                stage=stage,
+                budget=(
+                    _budget_text(data["budget_limit"], data["budget_period"]) if data else None
+                ),
+            ),
+        )
+
+    def _key_issued(self, request: HttpRequest, issued: Any) -> HttpResponse:
+        """The one response that carries the secret: not stored, not cached, not a message."""
+        api_key = issued.api_key
+        if issued.secret is not None:
+            self.log_addition(request, api_key, [{"added": {}}])
+        response = TemplateResponse(
+            request,
+            "admin/billing/apikey/issued.html",
+            self._context(
+                request,
+                "API key issued" if issued.secret else "API key already issued",
+                api_key=api_key,
+                secret=issued.secret,
+                account_url=reverse("admin:billing_account_change", args=[api_key.account_id]),
+            ),
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+    def budget_view(self, request: HttpRequest, key_id: int) -> HttpResponse:
+        """Change a key's budget: the new one, a review against what the period has used, a
+        memo; one StaffAction."""
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.services.onboarding import api_key_budget_set_by_staff
+
+        if not self.has_budget_permission(request):
+            raise PermissionDenied
+        key = ApiKey.objects.filter(pk=key_id).select_related("account").first()
+        if key is None:
+            raise Http404("no such key")
+        if key.status != ApiKey.Status.ACTIVE:
+            self.message_user(
+                request, f"{key} is {key.status}: its budget is moot.", messages.WARNING
+            )
+            return redirect("admin:billing_apikey_change", key.pk)
+        stage = "edit"
+        if request.method == "POST":
+            form = KeyBudgetForm(request.POST)
+            if form.is_valid() and "confirm" in request.POST:
+                try:
+                    api_key_budget_set_by_staff(
+                        key_id=key.pk,
+                        budget_limit=form.cleaned_data["budget_limit"],
+                        budget_period=form.cleaned_data["budget_period"],
+                        user=request.user,  # type: ignore[arg-type]
+                        memo=form.cleaned_data["memo"],
+                        now=timezone.now(),
+                    )
+                except BillingError as exc:
+                    _service_error(form, exc)
+                else:
+                    self.message_user(request, f"Budget of {key.prefix} changed.", messages.SUCCESS)
+                    return redirect("admin:billing_apikey_change", key.pk)
+            elif form.is_valid():
+                stage = "confirm"
+        else:
+            form = KeyBudgetForm(
+                initial={"budget_limit": key.budget_limit, "budget_period": key.budget_period}
+            )
+        data = form.cleaned_data if stage == "confirm" else {}
+        return TemplateResponse(
+            request,
+            "admin/billing/apikey/budget_confirm.html",
+            self._context(
+                request,
+                f"Budget of {key}" + (": confirm" if stage == "confirm" else ""),
+                api_key=key,
+                form=form,
+                stage=stage,
+                budget_now=_budget_text(key.budget_limit, key.budget_period),
+                budget_after=(
+                    _budget_text(data["budget_limit"], data["budget_period"]) if data else None
+                ),
+                spent=money_display(key.budget_spent, exact=True),
+                held=money_display(key.budget_held, exact=True),
+            ),
         )
 
     @admin.display(description="budget")
@@ -441,6 +1013,11 @@ class ApiKeyAdmin(ReadOnlyAdmin):
                 "revoke/",
                 self.admin_site.admin_view(self.revoke_view),
                 name="billing_apikey_revoke",
+            ),
+            path(
+                "<int:key_id>/budget/",
+                self.admin_site.admin_view(self.budget_view),
+                name="billing_apikey_budget",
             ),
             *super().get_urls(),
         ]
@@ -513,6 +1090,7 @@ class TariffAddForm(forms.ModelForm):
         model = Tariff
         fields = (
             "model",
+            "account",
             "purpose",
             "completion_window",
             "valid_from",
@@ -532,6 +1110,7 @@ class TariffAdmin(admin.ModelAdmin):
 
     list_display = (
         "model",
+        "account",
         "purpose",
         "completion_window",
         "valid_from",
@@ -539,8 +1118,9 @@ class TariffAdmin(admin.ModelAdmin):
         "input_price",
         "output_price",
     )
-    list_filter = ("purpose", "model")
-    list_select_related = ("model",)
+    list_filter = ("purpose", "model", ("account", admin.EmptyFieldListFilter))
+    list_select_related = ("model", "account")
+    raw_id_fields = ("account",)
     search_fields = ("model__alias",)
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -587,6 +1167,7 @@ class TariffAdmin(admin.ModelAdmin):
             completion_window=data.get("completion_window") or "",
             valid_from=data["valid_from"],
             valid_until=data.get("valid_until"),
+            account_id=data["account"].pk if data.get("account") else None,
         )
         # `obj` (the form's unsaved instance) is what the admin passes on to log_addition and
         # response_add; it carries the created row's primary key there, and they use the row.
@@ -626,7 +1207,7 @@ class LedgerLegInline(admin.TabularInline):
 
     @admin.display(description="amount")
     def amount_display(self, leg: LedgerLeg) -> str:
-        return money_display(leg.amount)
+        return money_display(leg.amount, exact=True)  # the posting's detail: to the last unit
 
 
 class LegAccountFilter(admin.SimpleListFilter):
@@ -881,3 +1462,9 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="cost", ordering="cost")
     def cost_display(self, record: UsageRecord) -> str:
         return money_display(record.cost)
+
+# The price catalogue and statements (billing/admin_catalogue.py): its admin classes register there.
+import billing.admin_catalogue  # noqa: E402, F401
+
+# Payments (billing/payments/admin.py): events, checkouts and links, auto top-ups, alert deliveries.
+from billing.payments import admin as _payments_admin  # noqa: E402, F401

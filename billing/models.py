@@ -35,6 +35,23 @@ class Account(models.Model):
     held = MoneyField(default=0)
     overdraft = MoneyField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Payments and alerts (billing/payments/). The engine reads the thresholds and `*_armed` in
+    # the same UPDATE that moves the balance: one event (or auto top-up) per crossing below a
+    # threshold, re-armed when the available balance is back at or above it.
+    billing_email = models.EmailField(blank=True, default="")
+    low_balance_threshold = MoneyField(null=True, blank=True)
+    low_balance_armed = models.BooleanField(default=True)
+    depleted_armed = models.BooleanField(default=True)  # re-armed by the next credit
+    webhook_url = models.URLField(max_length=500, blank=True, default="")
+    # `whsec_<base64>`: kept (not hashed) because we sign with it; shown once by set_alerts.
+    webhook_secret = models.CharField(max_length=100, blank=True, default="")
+    auto_topup_enabled = models.BooleanField(default=False)
+    auto_topup_threshold = MoneyField(null=True, blank=True)
+    auto_topup_amount = MoneyField(null=True, blank=True)
+    auto_topup_monthly_limit = MoneyField(null=True, blank=True)
+    auto_topup_armed = models.BooleanField(default=True)
+    payment_customer_id = models.CharField(max_length=255, blank=True, default="")
+    payment_method_id = models.CharField(max_length=255, blank=True, default="")
 
     class Meta:
         constraints = [
@@ -143,42 +160,26 @@ class LanguageModel(models.Model):
         return self.alias
 
 
-class Tariff(models.Model):
-    model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="tariffs")
-    purpose = models.CharField(
-        max_length=16, choices=ApiKey.Purpose.choices, default=ApiKey.Purpose.REALTIME
-    )
-    completion_window = models.CharField(max_length=16, blank=True, default="")
-    valid_from = models.DateTimeField()
-    valid_until = models.DateTimeField(null=True, blank=True)
-    # USD per million tokens.
+class TokenPrices(models.Model):
+    """USD per million tokens by class: what a tariff charges and what a provider price costs
+    us. Optional classes fall back to the input or output price (billing/pricing.py Price)."""
+
     input_per_mtok = MoneyField()
     output_per_mtok = MoneyField()
     cached_input_per_mtok = MoneyField(null=True, blank=True)
     cache_write_per_mtok = MoneyField(null=True, blank=True)
     reasoning_per_mtok = MoneyField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
+
+    PRICE_FIELDS = (
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "cache_write_per_mtok",
+        "reasoning_per_mtok",
+    )
 
     class Meta:
-        indexes = [models.Index(fields=["model", "purpose", "completion_window", "valid_from"])]
-        constraints = [
-            models.CheckConstraint(
-                condition=Q(input_per_mtok__gte=0)
-                & Q(output_per_mtok__gte=0)
-                & (Q(cached_input_per_mtok__isnull=True) | Q(cached_input_per_mtok__gte=0))
-                & (Q(cache_write_per_mtok__isnull=True) | Q(cache_write_per_mtok__gte=0))
-                & (Q(reasoning_per_mtok__isnull=True) | Q(reasoning_per_mtok__gte=0)),
-                name="tariff_prices_non_negative",
-            ),
-            models.CheckConstraint(
-                condition=Q(valid_until__isnull=True) | Q(valid_until__gt=models.F("valid_from")),
-                name="tariff_validity_ordered",
-            ),
-        ]
-
-    def __str__(self) -> str:
-        window = f"/{self.completion_window}" if self.completion_window else ""
-        return f"{self.model_id}:{self.purpose}{window} from {self.valid_from:%Y-%m-%d}"
+        abstract = True
 
     @property
     def price(self) -> Price:
@@ -189,6 +190,113 @@ class Tariff(models.Model):
             cache_write_per_mtok=self.cache_write_per_mtok,
             reasoning_per_mtok=self.reasoning_per_mtok,
         )
+
+
+def _prices_non_negative(name: str) -> models.CheckConstraint:
+    return models.CheckConstraint(
+        condition=Q(input_per_mtok__gte=0)
+        & Q(output_per_mtok__gte=0)
+        & (Q(cached_input_per_mtok__isnull=True) | Q(cached_input_per_mtok__gte=0))
+        & (Q(cache_write_per_mtok__isnull=True) | Q(cache_write_per_mtok__gte=0))
+        & (Q(reasoning_per_mtok__isnull=True) | Q(reasoning_per_mtok__gte=0)),
+        name=name,
+    )
+
+
+def _validity_ordered(name: str) -> models.CheckConstraint:
+    return models.CheckConstraint(
+        condition=Q(valid_until__isnull=True) | Q(valid_until__gt=models.F("valid_from")),
+        name=name,
+    )
+
+
+class Tariff(TokenPrices):
+    """What a customer pays. With `account` set, a negotiated price for that account alone: it
+    wins over the general tariffs for that account's keys (billing/pricing.py tariff_choose)."""
+
+    model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="tariffs")
+    account = models.ForeignKey(
+        Account, null=True, blank=True, on_delete=models.PROTECT, related_name="tariffs",
+        limit_choices_to={"kind": "customer"},
+        help_text="Only for this customer (a negotiated price); empty: everyone's.",
+    )
+    purpose = models.CharField(
+        max_length=16, choices=ApiKey.Purpose.choices, default=ApiKey.Purpose.REALTIME
+    )
+    completion_window = models.CharField(max_length=16, blank=True, default="")
+    valid_from = models.DateTimeField()
+    valid_until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["model", "purpose", "completion_window", "valid_from"])]
+        constraints = [
+            _prices_non_negative("tariff_prices_non_negative"),
+            _validity_ordered("tariff_validity_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        window = f"/{self.completion_window}" if self.completion_window else ""
+        who = f" for account {self.account_id}" if self.account_id else ""
+        return f"{self.model_id}:{self.purpose}{window}{who} from {self.valid_from:%Y-%m-%d}"
+
+
+class ProviderPrice(TokenPrices):
+    """What a model costs us upstream, versioned by validity time like tariffs. Only reviewed
+    prices are rows here: an import proposes (ProviderPriceProposal), finance accepts."""
+
+    model = models.ForeignKey(
+        LanguageModel, on_delete=models.PROTECT, related_name="provider_prices"
+    )
+    provider = models.CharField(max_length=64, blank=True, default="")
+    source = models.CharField(max_length=100, blank=True, default="")  # manual, genai-prices x.y
+    valid_from = models.DateTimeField()
+    valid_until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["model", "valid_from"])]
+        constraints = [
+            _prices_non_negative("provider_price_non_negative"),
+            _validity_ordered("provider_price_validity_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_id} upstream price from {self.valid_from:%Y-%m-%d}"
+
+
+class ProviderPriceProposal(TokenPrices):
+    """A provider price an import found, waiting for finance's review: nothing is priced by it
+    until it is accepted (which creates the ProviderPrice)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        ACCEPTED = "accepted"
+        REJECTED = "rejected"
+        SUPERSEDED = "superseded"  # a later import proposed another price first
+
+    model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="+")
+    provider = models.CharField(max_length=64)
+    catalogue_model = models.CharField(max_length=200)  # the catalogue's id for the model
+    source = models.CharField(max_length=100)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField()
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+        related_name="+",
+    )
+    accepted_price = models.OneToOneField(
+        ProviderPrice, null=True, blank=True, on_delete=models.PROTECT, related_name="proposal"
+    )
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "model"])]
+        constraints = [_prices_non_negative("provider_proposal_non_negative")]
+        permissions = [("decide_providerpriceproposal", "Can accept or reject provider prices")]
+
+    def __str__(self) -> str:
+        return f"{self.model_id} upstream price proposal #{self.pk} ({self.status})"
 
 
 class LedgerTransaction(models.Model):
@@ -357,6 +465,9 @@ class UsageRecord(models.Model):
     reasoning_tokens = models.PositiveIntegerField(default=0)
     estimated = models.BooleanField(default=False)
     cost = MoneyField(default=0)
+    # What the request cost us upstream (its provider price at the hold's time), set once at
+    # settle; null when the model had no provider price. Ours: never shown to the customer.
+    provider_cost = MoneyField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices)
     outcome = models.CharField(max_length=32, blank=True, default="")
     started_at = models.DateTimeField()
@@ -374,6 +485,25 @@ class UsageRecord(models.Model):
         return f"usage {self.request_id}"
 
 
+class Statement(models.Model):
+    """An account's issued monthly statement: its figures as issued and the PDF sent. Never
+    changed once issued: a correction is a posting, and shows in the next month's."""
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="statements")
+    month = models.DateField()  # the first day of the UTC calendar month
+    issued_at = models.DateTimeField()
+    figures = models.JSONField()  # billing.statements.StatementFigures.as_json()
+    pdf = models.BinaryField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "month"], name="one_statement_per_month")
+        ]
+
+    def __str__(self) -> str:
+        return f"statement {self.month:%Y-%m} of account {self.account_id}"
+
+
 # System accounts have fixed, negative ids: sequences only hand out positive ones, so they can
 # never collide with a customer, and code needs no lookup (or cache) to find them.
 SYSTEM_ACCOUNT_IDS: dict[str, int] = {
@@ -382,3 +512,189 @@ SYSTEM_ACCOUNT_IDS: dict[str, int] = {
     Account.Kind.WRITE_OFFS: -3,
     Account.Kind.PAYMENTS: -4,
 }
+
+
+# --- Payments and alerts (billing/payments/) ----------------------------------------------------
+
+
+class PaymentEvent(models.Model):
+    """A provider's webhook event, stored (unique by its id) before it is acted on."""
+
+    class Status(models.TextChoices):
+        RECEIVED = "received"
+        APPLIED = "applied"
+        IGNORED = "ignored"
+        FAILED = "failed"
+
+    provider = models.CharField(max_length=16)
+    event_id = models.CharField(max_length=255)
+    type = models.CharField(max_length=100)
+    payload = models.JSONField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
+    detail = models.TextField(blank=True, default="")
+    account = models.ForeignKey(
+        Account, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # The provider's payment the event concerns: an event that arrives before the payment it
+    # refers to waits (failed) and is applied again when that payment is credited.
+    payment_intent_id = models.CharField(max_length=255, blank=True, default="")
+    # The ledger transactions this event caused (purchases, refunds, disputes, reversals).
+    transaction_ids = models.JSONField(default=list, blank=True)
+    received_at = models.DateTimeField()
+    applied_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "event_id"], name="payment_event_unique")
+        ]
+        indexes = [
+            models.Index(fields=["received_at"]),
+            models.Index(fields=["payment_intent_id"], condition=Q(status="failed"),
+                         name="payment_event_waiting"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.event_id} ({self.status})"
+
+
+class Checkout(models.Model):
+    """A top-up checkout session: created by the account (API) or finance (admin)."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        COMPLETED = "completed"
+
+    provider = models.CharField(max_length=16)
+    session_id = models.CharField(max_length=255)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="checkouts")
+    amount = MoneyField()
+    url = models.URLField(max_length=2000)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    payment_intent_id = models.CharField(max_length=255, blank=True, default="")
+    transaction = models.ForeignKey(
+        LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "session_id"], name="checkout_unique"),
+            models.CheckConstraint(condition=Q(amount__gt=0), name="checkout_amount_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"checkout {self.session_id} ({self.status})"
+
+
+class AutoTopupAttempt(models.Model):
+    """One per crossing below the auto top-up threshold (written by the engine with the
+    posting that crossed it); charged off-session by a Celery task, at most once."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # written by the engine, not yet picked up
+        CHARGING = "charging"  # counted against the monthly limit; intent being created
+        CONFIRMED = "confirmed"  # the intent succeeded; credit comes with its webhook
+        SUCCEEDED = "succeeded"  # credited
+        FAILED = "failed"
+        SKIPPED = "skipped"  # over the monthly limit, disabled, or no saved payment method
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="auto_topups")
+    amount = MoneyField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    payment_intent_id = models.CharField(max_length=255, blank=True, default="")
+    failure_reason = models.TextField(blank=True, default="")
+    transaction = models.ForeignKey(
+        LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["account", "created_at"]),
+            models.Index(fields=["created_at"], condition=Q(status="pending"),
+                         name="auto_topup_pending"),
+        ]
+
+    def __str__(self) -> str:
+        return f"auto top-up #{self.pk} of account {self.account_id} ({self.status})"
+
+
+class Notification(models.Model):
+    """The outbox: an event for the account (balance.low, payment.succeeded, ...), written in
+    the same transaction as what caused it; the relay task fans it out into deliveries."""
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="notifications")
+    type = models.CharField(max_length=64)
+    payload = models.JSONField()
+    created_at = models.DateTimeField()
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["account", "created_at"]),
+            models.Index(fields=["created_at"], condition=Q(dispatched_at__isnull=True),
+                         name="notification_undispatched"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} #{self.pk} for account {self.account_id}"
+
+    @property
+    def message_id(self) -> str:
+        """The Standard Webhooks `webhook-id`: the same on every retry, so receivers dedupe."""
+        return f"msg_{self.pk}"
+
+
+class NotificationDelivery(models.Model):
+    class Channel(models.TextChoices):
+        WEBHOOK = "webhook"
+        EMAIL = "email"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"  # attempts exhausted
+
+    notification = models.ForeignKey(
+        Notification, on_delete=models.PROTECT, related_name="deliveries"
+    )
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    target = models.CharField(max_length=500)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        verbose_name_plural = "notification deliveries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["notification", "channel"], name="one_delivery_per_channel"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["next_attempt_at"], condition=Q(status="pending"),
+                         name="delivery_pending"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} delivery of notification {self.notification_id} ({self.status})"
+
+
+class DeliveryAttempt(models.Model):
+    delivery = models.ForeignKey(
+        NotificationDelivery, on_delete=models.PROTECT, related_name="attempt_log"
+    )
+    attempted_at = models.DateTimeField()
+    ok = models.BooleanField()
+    status_code = models.PositiveIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+
+    def __str__(self) -> str:
+        return f"attempt on delivery {self.delivery_id} ({'ok' if self.ok else 'failed'})"

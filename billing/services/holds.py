@@ -9,14 +9,16 @@ same mapping; the async ones raise psycopg's errors where the sync ones raise Dj
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS
+from django.db import DEFAULT_DB_ALIAS, DatabaseError
 from psycopg.types.json import Jsonb
 
 from billing.engine import Rows, engine_call, sql_rows, sql_rows_async
@@ -33,13 +35,18 @@ from billing.errors import (
     InvalidAmount,
 )
 from billing.models import ApiKey, Hold
-from billing.money import from_units, to_units
+from billing.money import from_units, money_parse, money_str, to_units
 from billing.pricing import Usage
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RequestDetails:
-    """What the gateway knows about a request, stored on its usage record."""
+    """What the gateway knows about a request, stored on its usage record. `provider_cost` is
+    what the usage cost us upstream (its provider price; None: the model has none): recorded,
+    never charged. It travels with the details, so a settle handed to the retry task, a
+    deduction failure and a stream's checkpoint all keep it."""
 
     endpoint: str
     started_at: datetime
@@ -47,6 +54,7 @@ class RequestDetails:
     outcome: str = ""
     first_byte_ms: int | None = None
     duration_ms: int | None = None
+    provider_cost: Decimal | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -56,6 +64,7 @@ class RequestDetails:
             "outcome": self.outcome,
             "first_byte_ms": self.first_byte_ms,
             "duration_ms": self.duration_ms,
+            "provider_cost": None if self.provider_cost is None else money_str(self.provider_cost),
         }
 
     @classmethod
@@ -67,6 +76,9 @@ class RequestDetails:
             outcome=str(data.get("outcome") or ""),
             first_byte_ms=data.get("first_byte_ms"),  # type: ignore[arg-type]
             duration_ms=data.get("duration_ms"),  # type: ignore[arg-type]
+            provider_cost=None
+            if data.get("provider_cost") is None
+            else money_parse(str(data["provider_cost"])),
         )
 
 
@@ -186,6 +198,27 @@ def _refusal(outcome: _Outcome, *, request_id: str, api_key_id: int | None = Non
 
 # --- place -------------------------------------------------------------------------------------
 
+
+def balance_depleted_tell(*, account_id: int, amount: Decimal, now: datetime) -> None:
+    """A 402: the account's balance.depleted alert, once per crossing, in its own statement
+    (the refusal wrote nothing). Failing to record it never changes the 402."""
+    from billing.payments.services import balance_depleted_record
+
+    try:
+        balance_depleted_record(account_id=account_id, amount=amount, now=now)
+    except DatabaseError as exc:
+        logger.warning("balance.depleted for account %s not recorded: %s", account_id, exc)
+
+
+async def balance_depleted_tell_async(*, account_id: int, amount: Decimal, now: datetime) -> None:
+    from billing.payments.services import balance_depleted_record_async
+
+    try:
+        await balance_depleted_record_async(account_id=account_id, amount=amount, now=now)
+    except psycopg.Error as exc:
+        logger.warning("balance.depleted for account %s not recorded: %s", account_id, exc)
+
+
 _HOLD_PLACE_SQL = engine_call(
     "hold_place",
     ["request_id", "account_id", "api_key_id", "model_alias", "amount", "now", "expires_at"],
@@ -243,9 +276,12 @@ def hold_place(
         api_key=api_key, request_id=request_id, amount=amount, now=now,
         model_alias=model_alias, ttl_seconds=ttl_seconds,
     )
-    return _placed(
-        sql_rows(_HOLD_PLACE_SQL, params), api_key=api_key, request_id=request_id, amount=amount
-    )
+    rows = sql_rows(_HOLD_PLACE_SQL, params)
+    try:
+        return _placed(rows, api_key=api_key, request_id=request_id, amount=amount)
+    except InsufficientFunds:
+        balance_depleted_tell(account_id=api_key.account_id, amount=amount, now=now)
+        raise
 
 
 async def hold_place_async(
@@ -265,7 +301,11 @@ async def hold_place_async(
         model_alias=model_alias, ttl_seconds=ttl_seconds,
     )
     rows = await sql_rows_async(_HOLD_PLACE_SQL, params)
-    return _placed(rows, api_key=api_key, request_id=request_id, amount=amount)
+    try:
+        return _placed(rows, api_key=api_key, request_id=request_id, amount=amount)
+    except InsufficientFunds:
+        await balance_depleted_tell_async(account_id=api_key.account_id, amount=amount, now=now)
+        raise
 
 
 # --- settle ------------------------------------------------------------------------------------
@@ -278,7 +318,8 @@ _USAGE_ARGUMENTS = [
     "reasoning_tokens", "estimated",
 ]
 _HOLD_SETTLE_SQL = engine_call(
-    "hold_settle", ["request_id", "cost", "now", *_USAGE_ARGUMENTS, *_DETAIL_ARGUMENTS]
+    "hold_settle",
+    ["request_id", "cost", "now", *_USAGE_ARGUMENTS, *_DETAIL_ARGUMENTS, "provider_cost"],
 )
 
 
@@ -315,6 +356,9 @@ def _settle_params(
         "reasoning_tokens": usage.reasoning_tokens,
         "estimated": usage.estimated,
         **_detail_params(details, now=now),
+        "provider_cost": None
+        if details is None or details.provider_cost is None
+        else to_units(details.provider_cost),
     }
 
 
