@@ -127,7 +127,9 @@ class ApiKeySerializer(serializers.Serializer):
     def get_budget(self, key: ApiKey) -> str | None:
         return _money_or_none(key.budget_limit)
 
-    @extend_schema_field({"type": "string", "nullable": True, "enum": ["day", "week", "month"]})
+    @extend_schema_field(
+        {"type": "string", "nullable": True, "description": "day, week or month (UTC)."}
+    )
     def get_budget_period(self, key: ApiKey) -> str | None:
         return key.budget_period or None
 

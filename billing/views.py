@@ -65,16 +65,24 @@ def _key_json(api_key: ApiKey, *, now: datetime) -> dict[str, Any]:
 
 
 class AccountKeysView(GatewayView):
+    """The account's keys: for a key of scope admin (any other gets a 403)."""
+
     permission_classes = [AdminScopeKey]
 
 
 class KeysView(AccountKeysView):
-    @extend_schema(responses=gateway_responses(ApiKeyListSerializer, errors=(403,)))
+    """The account's keys (never a secret or a hash), or a new one, whose secret `api_key` is
+    in this answer only."""
+
+    @extend_schema(
+        operation_id="keys_list", responses=gateway_responses(ApiKeyListSerializer, errors=(403,))
+    )
     def get(self, request: Request) -> HttpResponseBase:
         keys = account_keys(account_id=self.api_key.account_id, now=timezone.now())
         return JsonResponse({"object": "list", "data": ApiKeySerializer(keys, many=True).data})
 
     @extend_schema(
+        operation_id="keys_create",
         request=ApiKeyCreateSerializer,
         responses=gateway_responses({201: IssuedApiKeySerializer}, errors=(400, 403)),
     )
@@ -103,7 +111,13 @@ class KeysView(AccountKeysView):
 
 
 class KeyView(AccountKeysView):
-    @extend_schema(responses=gateway_responses(ApiKeySerializer, errors=(403, 404)))
+    """One of the account's keys; PATCH changes its name, budget and rate limits (null removes
+    one). Another account's key is a 404."""
+
+    @extend_schema(
+        operation_id="keys_retrieve",
+        responses=gateway_responses(ApiKeySerializer, errors=(403, 404)),
+    )
     def get(self, request: Request, key_id: int) -> HttpResponseBase:
         api_key = account_key_get(
             account_id=self.api_key.account_id, key_id=key_id, now=timezone.now()
@@ -113,6 +127,7 @@ class KeyView(AccountKeysView):
         return JsonResponse(ApiKeySerializer(api_key).data)
 
     @extend_schema(
+        operation_id="keys_update",
         request=ApiKeyUpdateSerializer,
         responses=gateway_responses(ApiKeySerializer, errors=(400, 403, 404)),
     )
@@ -140,7 +155,13 @@ class KeyView(AccountKeysView):
 
 
 class KeyRevokeView(AccountKeysView):
-    @extend_schema(request=None, responses=gateway_responses(ApiKeySerializer, errors=(403, 404)))
+    """Revoke one of the account's keys (again: no change); the key, `status: revoked`."""
+
+    @extend_schema(
+        operation_id="keys_revoke",
+        request=None,
+        responses=gateway_responses(ApiKeySerializer, errors=(403, 404)),
+    )
     def post(self, request: Request, key_id: int) -> HttpResponseBase:
         now = timezone.now()
         if account_key_get(account_id=self.api_key.account_id, key_id=key_id, now=now) is None:
@@ -221,6 +242,9 @@ async def _on_request_thread(parts: Generator[bytes, None, None]) -> AsyncIterat
 
 
 class RequestsView(GatewayView):
+    """The account's requests, newest first by start, in pages; with `format=csv` the whole
+    range as CSV. Any of the account's keys may read them."""
+
     renderer_classes = [JSONRenderer, CsvRenderer]
 
     @extend_schema(
