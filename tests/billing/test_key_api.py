@@ -12,6 +12,8 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -21,6 +23,7 @@ from billing.pricing import Usage
 from billing.selectors import account_requests_chunks
 from billing.serializers import RequestSerializer
 from billing.services.holds import RequestDetails, hold_place, hold_settle
+from tests.billing.test_commands import run_json
 from tests.factories import make_account, make_key
 from tests.gateway.conftest import live_gateway, mock_upstream, world
 from tests.gateway.ledger import assert_clean, charged
@@ -345,3 +348,47 @@ def test_the_export_reads_its_range_in_keyset_chunks(account, now):
     assert [len(chunk) for chunk in chunks] == [7, 7, 6]
     assert len(queries) == 3  # one per chunk, each after the last one's start and id
     assert [row["request_id"] for chunk in chunks for row in chunk] == ids[::-1]
+
+
+# --- issue_api_key: scope and rate limits ---------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_issue_api_key_sets_scope_and_rate_limits_and_reports_them(account):
+    data = run_json(
+        "issue_api_key", str(account.pk), "--scope", "admin", "--rpm", "60", "--tpm", "90000"
+    )
+    assert (data["scope"], data["rpm"], data["tpm"]) == ("admin", 60, 90000)
+    key = ApiKey.objects.get(pk=data["key_id"])
+    assert (key.scope, key.rpm, key.tpm) == (ApiKey.Scope.ADMIN, 60, 90000)
+
+
+@pytest.mark.django_db
+def test_issue_api_key_defaults_to_inference_without_limits(account):
+    data = run_json("issue_api_key", str(account.pk))
+    assert (data["scope"], data["rpm"], data["tpm"]) == ("inference", None, None)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--scope", "root"],
+        ["--rpm", "0"],
+        ["--tpm", "-5"],
+        ["--rpm", "lots"],
+        ["--tpm", "2147483648"],
+    ],
+    ids=["unknown-scope", "zero-rpm", "negative-tpm", "non-numeric-rpm", "tpm-too-large"],
+)
+def test_issue_api_key_refuses_a_bad_scope_or_limit_and_issues_nothing(account, args):
+    with pytest.raises(CommandError):
+        call_command(
+            "issue_api_key",
+            str(account.pk),
+            *args,
+            "--json",
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+        )
+    assert not ApiKey.objects.filter(account=account).exists()

@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 from billing.models import Hold, LedgerTransaction, UsageRecord
 from billing.services.keys import api_key_update
 from gateway import ratelimit
+from gateway.errors import GatewayError
 from gateway.ratelimit import (
     KeyRateLimits,
     duration,
@@ -237,6 +238,25 @@ def test_an_unreachable_store_lets_requests_through_logged_and_counted(
     assert admitted is None and rested is None  # no limits applied, no headers
     assert _unavailable_count("check") == before + 1
     assert "rate-limit store unavailable" in caplog.text
+
+
+@pytest.mark.django_db
+def test_without_redis_the_limits_hold_in_the_process(account):
+    issued = make_key(account=account, now=timezone.now(), rpm=1, tpm=10)
+
+    async def two_requests_and_tokens() -> tuple[KeyRateLimits | None, int, str]:
+        first = await ratelimit_check(api_key=issued.api_key)
+        await ratelimit.ratelimit_count(first, tokens=25)
+        try:
+            await ratelimit_check(api_key=issued.api_key)
+        except GatewayError as refused:
+            return first, refused.status, refused.type
+        raise AssertionError("the second request was admitted")
+
+    with override_settings(REDIS_URL=""):
+        first, status, limit = asyncio.run(two_requests_and_tokens())
+    assert first is not None and first.headers()["x-ratelimit-remaining-tokens"] == "0"
+    assert (status, limit) == (429, "requests")
 
 
 @pytest.mark.parametrize(
