@@ -198,7 +198,9 @@ class CsvRenderer(BaseRenderer):
     def render(
         self, data: Any, accepted_media_type: Any = None, renderer_context: Any = None
     ) -> bytes:
-        return b""  # only errors get here: they are sent as JSON, by the exception handler
+        # Never asked to: the export is streamed, and errors go out as JSON (the exception
+        # handler answers with a response of its own).
+        return b""
 
 
 def _csv_parts(*, account_id: int, first: date, last: date) -> Generator[bytes, None, None]:

@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 from prometheus_client import REGISTRY
@@ -180,6 +181,12 @@ def test_a_key_without_limits_gets_no_ratelimit_headers(world):
     assert not RATELIMIT_HEADERS & set(answer.headers)
 
 
+needs_redis = pytest.mark.skipif(
+    not settings.REDIS_URL, reason="the store is shared across processes only through Redis"
+)
+
+
+@needs_redis
 def test_a_cleared_window_admits_the_key_again(world):
     issued = limited_key(world, rpm=1)
     assert chat(world.gateway.url, issued.secret, world.openai_model).status_code == 200
@@ -190,6 +197,7 @@ def test_a_cleared_window_admits_the_key_again(world):
     assert again.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+@needs_redis
 def test_two_gateway_processes_share_a_key_s_limits_through_redis(world, tmp_path):
     # The second one's key cache expires at once: it sees a changed limit on the next request.
     second = start_gateway(tmp_path / "second.log", GATEWAY_KEY_CACHE_TTL_SECONDS="0.001")
