@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
-from billing.models import SYSTEM_ACCOUNT_IDS, Account, LedgerLeg, LedgerTransaction
+from billing.models import SYSTEM_ACCOUNT_IDS, Account, LedgerLeg, LedgerTransaction, UsageRecord
 from billing.money import ZERO, money_str
 from reconciliation.models import ReconciliationItem
 
@@ -27,6 +29,7 @@ class Dashboard:
     expired_holds: QueueFigure
     audit_mismatches: int
     revenue_by_day: list[tuple[date, Decimal]]  # oldest first, every day present
+    margins: Margins | None = None  # the same 30 days, from the usage records
 
     @property
     def revenue_total(self) -> Decimal:
@@ -71,6 +74,94 @@ def dashboard_get(*, now: datetime) -> Dashboard:
             kind=ReconciliationItem.Kind.AUDIT_MISMATCH, status=ReconciliationItem.Status.PENDING
         ).count(),
         revenue_by_day=usage_revenue_by_day(now=now),
+        margins=margins_get(
+            start=datetime.combine(now.date() - timedelta(days=29), time(), tzinfo=UTC),
+            end=datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Revenue (what customers were charged for usage), what it cost us upstream, and the
+    gross margin. Usage whose model had no provider price is counted in `revenue` and in
+    `unpriced_revenue`, and left out of the margin: its cost is unknown, not zero. So
+    gross_margin = revenue - unpriced_revenue - provider_cost."""
+
+    revenue: Decimal
+    provider_cost: Decimal
+    unpriced_revenue: Decimal
+
+    @property
+    def gross_margin(self) -> Decimal:
+        return self.revenue - self.unpriced_revenue - self.provider_cost
+
+    def as_json(self) -> dict[str, str]:
+        return {
+            "revenue": money_str(self.revenue),
+            "provider_cost": money_str(self.provider_cost),
+            "gross_margin": money_str(self.gross_margin),
+            "unpriced_revenue": money_str(self.unpriced_revenue),
+        }
+
+
+@dataclass(frozen=True)
+class Margins:
+    total: Margin
+    by_model: list[tuple[str, Margin]]  # by alias
+    by_day: list[tuple[date, Margin]]  # oldest first, every day of the range present
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            **self.total.as_json(),
+            "by_model": [{"model": model, **margin.as_json()} for model, margin in self.by_model],
+            "by_day": [{"day": day.isoformat(), **margin.as_json()} for day, margin in self.by_day],
+        }
+
+
+# Named apart from the fields: an annotation called provider_cost would shadow the column in
+# the unpriced filter.
+_MARGIN_SUMS = {
+    "revenue_sum": Sum("cost"),
+    "provider_cost_sum": Sum("provider_cost"),
+    "unpriced_sum": Sum("cost", filter=Q(provider_cost__isnull=True)),
+}
+
+
+def _margin(row: Mapping[str, Any]) -> Margin:
+    return Margin(
+        revenue=row["revenue_sum"] or ZERO,
+        provider_cost=row["provider_cost_sum"] or ZERO,
+        unpriced_revenue=row["unpriced_sum"] or ZERO,
+    )
+
+
+def margins_get(*, start: datetime, end: datetime) -> Margins:
+    """Margins of the usage settled in [start, end) (by the usage record's settle time, UTC),
+    in all, by model and by UTC day (zero-filled)."""
+    records: QuerySet[UsageRecord] = UsageRecord.objects.filter(
+        status=UsageRecord.Status.SETTLED, created_at__gte=start, created_at__lt=end
+    )
+    days = {
+        row["day"]: _margin(row)
+        for row in records.annotate(day=TruncDate("created_at"))
+        .values("day")
+        .annotate(**_MARGIN_SUMS)
+    }
+    first, last = start.date(), (end - timedelta(microseconds=1)).date()
+    empty = Margin(revenue=ZERO, provider_cost=ZERO, unpriced_revenue=ZERO)
+    return Margins(
+        total=_margin(records.aggregate(**_MARGIN_SUMS)),
+        by_model=[
+            (row["model_alias"], _margin(row))
+            for row in records.values("model_alias")
+            .annotate(**_MARGIN_SUMS)
+            .order_by("model_alias")
+        ],
+        by_day=[
+            (first + timedelta(days=n), days.get(first + timedelta(days=n), empty))
+            for n in range((last - first).days + 1)
+        ],
     )
 
 
@@ -142,3 +233,12 @@ def item_action_preview(*, items: list[ReconciliationItem], action: str) -> list
             continue
         previews.append(ItemPreview(item=item, effect=effect))
     return previews
+
+
+def account_items_open(*, account_id: int, limit: int = 100) -> list[ReconciliationItem]:
+    """The account's pending reconciliation items, oldest first (the account page lists them)."""
+    return list(
+        ReconciliationItem.objects.filter(
+            account_id=account_id, status=ReconciliationItem.Status.PENDING
+        ).order_by("created_at", "pk")[:limit]
+    )

@@ -46,6 +46,16 @@ FINANCE_PERMISSIONS = (
     "billing.view_usagerecord",
     "reconciliation.view_reconciliationitem",
     "reconciliation.view_staffaction",
+    # Onboarding in the admin (reconciliation/migrations/0007_back_office.py).
+    "billing.add_account",
+    "billing.add_apikey",
+    "billing.change_apikey",
+    "gateway.view_upstream",
+    "gateway.add_upstream",
+    "gateway.change_upstream",
+    "gateway.view_route",
+    "gateway.add_route",
+    "gateway.change_route",
 )
 
 
@@ -394,6 +404,7 @@ def tariff_set_by_staff(
     purpose: str = ApiKey.Purpose.REALTIME,
     completion_window: str = "",
     valid_until: datetime | None = None,
+    account_id: int | None = None,
 ) -> Tariff:
     """A new tariff added by staff, with its StaffAction (prices as decimal strings).
 
@@ -418,6 +429,7 @@ def tariff_set_by_staff(
             purpose=purpose,
             completion_window=completion_window,
             valid_until=valid_until,
+            account_id=account_id,
         )
         _staff_action_record(
             user=user,
@@ -427,6 +439,7 @@ def tariff_set_by_staff(
             now=now,
             details={
                 "tariff_id": tariff.pk,
+                "account_id": tariff.account_id,
                 "purpose": tariff.purpose,
                 "completion_window": tariff.completion_window,
                 "valid_from": tariff.valid_from.isoformat(),
