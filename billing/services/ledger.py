@@ -121,8 +121,9 @@ def transaction_reverse(
     return _posted(sql_rows(_TRANSACTION_REVERSE_SQL, params), idempotency_key=idempotency_key)
 
 
-def account_ensure_system() -> None:
+def account_ensure_system(*, account_model: type[Account] | None = None) -> None:
     """Create the system accounts if missing (runs after every migrate and test flush)."""
+    model = account_model or Account
     names: dict[str, str] = {
         Account.Kind.REVENUE: "Revenue (usage)",
         Account.Kind.PROMOTIONS: "Promotions (grants)",
@@ -130,4 +131,4 @@ def account_ensure_system() -> None:
         Account.Kind.PAYMENTS: "Payments",
     }
     for kind, account_id in SYSTEM_ACCOUNT_IDS.items():
-        Account.objects.get_or_create(pk=account_id, defaults={"kind": kind, "name": names[kind]})
+        model.objects.get_or_create(pk=account_id, defaults={"kind": kind, "name": names[kind]})

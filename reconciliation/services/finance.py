@@ -56,6 +56,14 @@ FINANCE_PERMISSIONS = (
     "gateway.view_route",
     "gateway.add_route",
     "gateway.change_route",
+    # Payments (reconciliation/migrations/0006_payments.py).
+    "billing.view_paymentevent",
+    "billing.view_checkout",
+    "billing.add_checkout",
+    "billing.view_autotopupattempt",
+    "billing.view_notification",
+    "billing.view_notificationdelivery",
+    "billing.view_deliveryattempt",
 )
 
 

@@ -203,7 +203,7 @@ def test_a_receiver_that_is_down_loses_nothing_and_gets_it_signed_when_back(
     assert notification_deliver(delivery_id=email.pk, now=now).status == "delivered"  # type: ignore[union-attr]
     [sent] = mail.outbox
     assert sent.to == ["billing@example.com"] and "balance.low" in sent.subject
-    assert json.loads(sent.body)["available"] == "4.0000000000"
+    assert json.loads(str(sent.body))["available"] == "4.0000000000"
 
 
 def test_a_signature_the_receiver_rejects_is_retried_then_failed(

@@ -77,9 +77,9 @@ def test_a_redelivered_or_reissued_completion_posts_nothing_more(
 def test_a_bad_signature_is_a_400_and_nothing_is_stored(
     client: Client, account, stripe_settings: FakeStripe, signature: str  # type: ignore[no-untyped-def]
 ) -> None:
-    headers = {"HTTP_STRIPE_SIGNATURE": signature} if signature else {}
+    headers = {"Stripe-Signature": signature} if signature else {}
     answer = client.post("/webhooks/stripe", data=b'{"id": "evt_x", "type": "x"}',
-                         content_type="application/json", **headers)
+                         content_type="application/json", headers=headers)
     assert answer.status_code == 400
     assert not PaymentEvent.objects.exists()
     assert not LedgerTransaction.objects.filter(kind="purchase").exists()
