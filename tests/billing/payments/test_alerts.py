@@ -262,3 +262,58 @@ def test_a_real_worker_delivers_through_the_relay_and_retries_a_receiver_that_wa
             pk=webhook.pk, status="delivered").exists(), timeout=30)
         assert [payload["type"] for _, payload in receiver.received] == ["balance.low"]
     assert_books_clean()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_gateways_async_hold_records_balance_depleted_once(account, issued_key, now) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from billing.engine import sql_async_pool_close
+    from billing.services.holds import hold_place_async
+
+    alerts_set(account_id=account.pk, billing_email="ops@example.com")
+
+    async def refused_twice() -> list[str]:
+        errors = []
+        try:
+            for n in range(2):
+                try:
+                    await hold_place_async(api_key=issued_key.api_key, request_id=f"req-a{n}",
+                                           amount=Decimal("50"), now=now)
+                except InsufficientFunds as exc:
+                    errors.append(type(exc).__name__)
+        finally:
+            await sql_async_pool_close()
+        return errors
+
+    assert asyncio.run(refused_twice()) == ["InsufficientFunds", "InsufficientFunds"]
+    [depleted] = _events(account, "balance.depleted")
+    assert depleted["requested"] == "50.0000000000"
+    assert_books_clean()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_api_sets_alerts_and_shows_a_new_secret_once(client, account, now) -> None:  # type: ignore[no-untyped-def]
+    admin = make_key(account=account, now=now, scope="admin")
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {admin.secret}"}
+    first = client.patch("/v1/billing/alerts", data={
+        "low_balance_threshold": "3.50", "webhook_url": "https://example.com/hook",
+        "billing_email": "billing@example.com",
+    }, content_type="application/json", **auth)
+    assert first.status_code == 200, first.content
+    body = first.json()
+    assert body["low_balance_threshold"] == "3.5000000000"
+    assert body["webhook_secret"].startswith("whsec_")
+    again = client.patch("/v1/billing/alerts", data={"low_balance_threshold": "4"},
+                         content_type="application/json", **auth)
+    assert again.json()["webhook_secret"] is None  # shown once
+    rotated = client.patch("/v1/billing/alerts", data={"rotate_webhook_secret": True},
+                           content_type="application/json", **auth)
+    assert rotated.json()["webhook_secret"] not in (None, body["webhook_secret"])
+    bad = client.patch("/v1/billing/alerts", data={"webhook_url": "ftp://x"},
+                       content_type="application/json", **auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "webhook_url"
+    inference = make_key(account=account, now=now)
+    refused = client.patch("/v1/billing/alerts", data={}, content_type="application/json",
+                           HTTP_AUTHORIZATION=f"Bearer {inference.secret}")
+    assert refused.status_code == 403
