@@ -114,7 +114,11 @@ def day_bars(days: list[tuple[date, Decimal]], *, unit: str, exact: bool = True)
                 "height": height,
                 "title": f"{day:%Y-%m-%d}: {money_str(value) if exact else value} {unit}",
                 "label": f"{day:%m-%d}" if index % 7 == 0 or index == len(days) - 1 else "",
-                "label_x": (index * slot + slot / 2).quantize(Decimal("0.1")),
+                # The last day's label ends at the chart's edge rather than running past it.
+                "label_x": (
+                    (index + (1 if index == len(days) - 1 else Decimal("0.5"))) * slot
+                ).quantize(Decimal("0.1")),
+                "anchor": "end" if index == len(days) - 1 else "middle",
             }
         )
     return {
@@ -260,15 +264,12 @@ class AccountAdmin(ReadOnlyAdmin):
     list_filter = ("status", "kind")
     search_fields = ("name", "=id")
     readonly_fields = ("balance_display", "held_display", "available_display", "overdraft_display")
+    # Balance, held, available and overdraft head the account page (change_form.html).
     fields = (
         "name",
         "kind",
         "currency",
         "status",
-        "balance_display",
-        "held_display",
-        "available_display",
-        "overdraft_display",
         "created_at",
         # Payments and alerts (billing/payments/): set by set_auto_topup / set_alerts and the API.
         "billing_email",
@@ -1462,6 +1463,7 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="cost", ordering="cost")
     def cost_display(self, record: UsageRecord) -> str:
         return money_display(record.cost)
+
 
 # The price catalogue and statements (billing/admin_catalogue.py): its admin classes register there.
 import billing.admin_catalogue  # noqa: E402, F401

@@ -1,7 +1,7 @@
 """The one billing pipeline every endpoint goes through.
 
-authenticate -> validate -> resolve model and price -> estimate the worst case -> hold
--> call upstream -> relay -> settle.
+(the view: authenticate -> validate) -> the key's rate limits -> resolve model and price
+-> estimate the worst case -> hold -> call upstream -> relay -> settle (-> count the tokens).
 
 Async: a request lives on the event loop. Each money step (hold, settle, release, checkpoint)
 is one call of the money engine on an async connection (billing's hold_place_async,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import threading
@@ -33,7 +34,6 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import aiohttp
-import orjson
 import psycopg
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
@@ -60,15 +60,15 @@ from billing.services.holds import (
 )
 from gateway.errors import GatewayError, billing_unavailable, error_from_billing, invalid_param
 from gateway.http import CompletionRequest, JsonAnswer, StreamAnswer
+from gateway.ratelimit import KeyRateLimits, ratelimit_check, ratelimit_count
 from gateway.selectors import (
     ModelContext,
-    api_key_authenticate,
-    api_key_from_cache,
     model_context_cached,
     model_context_get,
     price_select,
+    provider_price_for,
 )
-from gateway.tokens import messages_tokens, text_tokens, with_margin
+from gateway.tokens import text_tokens, with_margin
 from gateway.upstreams.base import Adapter, ParsedRequest, StreamState
 from gateway.upstreams.client import UpstreamCall, UpstreamFailure
 from reconciliation.services.failures import settlement_handoff
@@ -167,6 +167,7 @@ class HoldAsk:
     api_key: ApiKey
     now: datetime
     started: float  # monotonic
+    rate_limits: KeyRateLimits | None = None  # the key's, if it has any
 
 
 @dataclass
@@ -191,9 +192,15 @@ class BilledRequest:
     counted_tokens: int = 0
     counted_texts: int = 0
     checkpoint: asyncio.Future[None] | None = None
+    rate_limits: KeyRateLimits | None = None  # its settle counts the tokens against them
+    provider_price: Price | None = None  # what the model costs us upstream (None: unknown)
 
-    def details(self, outcome: str) -> RequestDetails:
+    def details(self, outcome: str, *, usage: Usage | None = None) -> RequestDetails:
+        """The usage record's details; with `usage`, also what it cost us upstream (priced
+        once, at the provider price chosen with the tariff when the hold was placed)."""
+        provider = self.provider_price
         return RequestDetails(
+            provider_cost=None if usage is None or provider is None else provider.cost(usage),
             endpoint=self.adapter.endpoint,
             started_at=self.started_at,
             stream=self.parsed.stream,
@@ -210,16 +217,42 @@ class BilledRequest:
 
 
 async def pipeline_run(
-    *, request: CompletionRequest, adapter: type[Adapter]
+    *,
+    request: CompletionRequest,
+    adapter: type[Adapter],
+    api_key: ApiKey,
+    parsed: ParsedRequest,
+    started: float,
+) -> JsonAnswer | StreamAnswer:
+    """The request's answer, from its authenticated key (gateway/auth.py) and its body as the
+    adapter validated it (gateway/serializers.py); `started` is monotonic."""
+    # The key's rate limits, before anything is held: a refused request leaves no trace.
+    limits = await ratelimit_check(api_key=api_key)
+    run = _billed_run(
+        request=request, adapter=adapter, api_key=api_key, parsed=parsed, started=started,
+        limits=limits,
+    )
+    if limits is None:
+        return await run
+    try:
+        answer = await run
+    except GatewayError as error:
+        raise dataclasses.replace(error, headers={**error.headers, **limits.headers()}) from error
+    answer.headers.update(limits.headers())  # a completion's: its tokens counted by now
+    return answer
+
+
+async def _billed_run(
+    *,
+    request: CompletionRequest,
+    adapter: type[Adapter],
+    api_key: ApiKey,
+    parsed: ParsedRequest,
+    started: float,
+    limits: KeyRateLimits | None,
 ) -> JsonAnswer | StreamAnswer:
     request_id = request.request_id
-    started = time.monotonic()
     now = timezone.now()
-    secret = request.secret
-    api_key = api_key_from_cache(secret=secret, now=now)
-    if api_key is None:
-        api_key = await _in_threads(_hold_threads, _authenticate, secret=secret, now=now)
-    parsed = adapter.parse(request_json(request))
     admission = _admission_for_loop()
     await _admit(admission)
     ask = HoldAsk(
@@ -229,6 +262,7 @@ async def pipeline_run(
         api_key=api_key,
         now=now,
         started=started,
+        rate_limits=limits,
     )
     placing = asyncio.ensure_future(
         _hold_stage(ask, on_loop=len(request.body) <= LOOP_PROMPT_MAX_BYTES)
@@ -396,33 +430,6 @@ def _outcome_before_first_byte(exc: BaseException) -> str:
     return "client_disconnected" if isinstance(exc, asyncio.CancelledError) else "gateway_error"
 
 
-def request_json(request: CompletionRequest) -> Any:
-    """The JSON body (strict: no NaN or Infinity), or a 400 / 415 GatewayError."""
-    content_type = request.content_type or "application/json"
-    if content_type != "application/json" and not content_type.endswith("+json"):
-        raise GatewayError(
-            415,
-            "Send the body as application/json.",
-            "invalid_request_error",
-            "unsupported_media_type",
-        )
-    try:
-        return orjson.loads(request.body)  # strict: no NaN or Infinity, valid UTF-8 only
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(
-            400,
-            "We could not parse the JSON body of your request.",
-            "invalid_request_error",
-            "invalid_json",
-        ) from exc
-
-
-def _authenticate(*, secret: str, now: datetime) -> ApiKey:
-    """A key the cache did not know (sync, in a hold thread)."""
-    with _db_step():
-        return _on_live_connection(api_key_authenticate, secret=secret, now=now)
-
-
 def _hold_for(ask: HoldAsk) -> BilledRequest:
     """Resolve model and price, estimate the worst case and place the hold (sync, in a hold
     thread). The request keeps no connection while it waits on the upstream: the connection
@@ -484,18 +491,22 @@ async def _hold_stage(ask: HoldAsk, *, on_loop: bool) -> BilledRequest:
 def _billed_for(ask: HoldAsk, *, context: ModelContext) -> BilledRequest:
     """The price and the worst case the hold must cover (no database)."""
     parsed = ask.parsed
+    ask.adapter.route_check(model=parsed.model, upstream_kind=context.target_kind)
     try:
         price = price_select(context=context, api_key=ask.api_key, at=ask.now)
     except BillingError as exc:
         raise error_from_billing(exc) from exc
-    max_output = parsed.max_output_tokens or context.max_output_tokens
+    # None: the client set no limit, so the route's. (0: the endpoint generates nothing.)
+    max_output = (
+        context.max_output_tokens if parsed.max_output_tokens is None else parsed.max_output_tokens
+    )
     if max_output > context.max_output_tokens:
         raise invalid_param(
             parsed.max_tokens_param,
             f"'{parsed.max_tokens_param}' is too large: this model allows at most "
             f"{context.max_output_tokens}.",
         )
-    prompt_tokens = messages_tokens(parsed.messages, system=parsed.system)
+    prompt_tokens = ask.adapter.prompt_tokens(parsed)
     hold_amount = max(
         price.worst_case(
             prompt_tokens=with_margin(prompt_tokens), max_output_tokens=max_output * parsed.n
@@ -515,11 +526,13 @@ def _billed_for(ask: HoldAsk, *, context: ModelContext) -> BilledRequest:
         parsed=parsed,
         context=context,
         price=price,
+        provider_price=provider_price_for(context=context, at=ask.now),
         prompt_tokens=prompt_tokens,
         hold_amount=hold_amount,
         max_output_tokens=max_output,
         started_at=ask.now,
         started=ask.started,
+        rate_limits=ask.rate_limits,
     )
 
 
@@ -611,9 +624,8 @@ async def _relay(
     if outcome == "completed":
         yield state.closing(usage=usage, cost=cost)
     else:
-        yield billed.adapter.stream_error(
-            "The upstream failed mid-stream; the partial output was billed."
-        )
+        failed = "The upstream failed mid-stream; the partial output was billed."
+        yield state.failure_event(failed) or billed.adapter.stream_error(failed)
 
 
 def _checkpoint_due(billed: BilledRequest, state: StreamState) -> bool:
@@ -650,7 +662,7 @@ async def _checkpoint(billed: BilledRequest, state: StreamState) -> None:
                 request_id=billed.request_id,
                 cost=billed.price.cost(usage),
                 usage=usage,
-                details=billed.details("checkpoint"),
+                details=billed.details("checkpoint", usage=usage),
                 now=timezone.now(),
             )
         )
@@ -710,7 +722,7 @@ def _handoff(*, billed: BilledRequest, usage: Usage, cost: Decimal, outcome: str
         request_id=billed.request_id,
         cost=cost,
         usage=usage,
-        details=billed.details(outcome),
+        details=billed.details(outcome, usage=usage),
         error=error,
     )
 
@@ -739,7 +751,7 @@ async def _settle_stage(*, billed: BilledRequest, usage: Usage, outcome: str) ->
                 cost=cost,
                 now=timezone.now(),
                 usage=usage,
-                details=billed.details(outcome),
+                details=billed.details(outcome, usage=usage),
             )
         )
     except (psycopg.Error, TimeoutError) as exc:
@@ -752,11 +764,17 @@ async def _settle_stage(*, billed: BilledRequest, usage: Usage, outcome: str) ->
             outcome=outcome,
             error=f"{type(exc).__name__}: {exc}",
         )
-        return cost
+        charged = cost
     except (HoldAlreadyResolved, IdempotencyConflict) as exc:
-        return _settle_refused(billed, exc, cost=cost)
-    _settled_count(billed, result=result, usage=usage, outcome=outcome, started=started)
-    return result.cost
+        charged = _settle_refused(billed, exc, cost=cost)
+    else:
+        _settled_count(billed, result=result, usage=usage, outcome=outcome, started=started)
+        charged = result.cost
+    if billed.rate_limits is not None:
+        # The key's tpm counts the billed tokens however the settle went: they were used.
+        tokens = usage.prompt_tokens + usage.output_tokens
+        await ratelimit_count(billed.rate_limits, tokens=tokens)
+    return charged
 
 
 def _settled_count(

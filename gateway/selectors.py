@@ -24,8 +24,8 @@ from django.conf import settings
 
 from billing import metrics
 from billing.errors import ModelNotPriced
-from billing.models import ApiKey, LanguageModel, Tariff
-from billing.pricing import Price, tariff_choose
+from billing.models import ApiKey, LanguageModel, ProviderPrice, Tariff
+from billing.pricing import Price, provider_price_choose, tariff_choose
 from billing.services.keys import api_key_hash
 from gateway.errors import GatewayError
 from gateway.models import Route
@@ -111,7 +111,8 @@ class ModelContext:
     max_output_tokens: int
     connect_timeout: float
     read_timeout: float
-    tariffs: tuple[Tariff, ...]
+    tariffs: tuple[Tariff, ...]  # the general ones and every account's negotiated ones
+    provider_prices: tuple[ProviderPrice, ...] = ()
 
     def target(self) -> UpstreamTarget:
         return UpstreamTarget(
@@ -138,6 +139,7 @@ def _model_context_load(alias: str) -> ModelContext | None:
         connect_timeout=route.upstream.connect_timeout_seconds,
         read_timeout=route.upstream.read_timeout_seconds,
         tariffs=tuple(Tariff.objects.filter(model=route.model)),
+        provider_prices=tuple(ProviderPrice.objects.filter(model=route.model)),
     )
 
 
@@ -171,9 +173,14 @@ def _default_price() -> Price | None:
 
 
 def price_select(*, context: ModelContext, api_key: ApiKey, at: datetime) -> Price:
-    """The price for this key and model now; the default price (counted, logged) if allowed."""
+    """The price for this key and model now (its account's negotiated tariff first); the
+    default price (counted, logged) if allowed."""
     tariff = tariff_choose(
-        context.tariffs, purpose=api_key.purpose, completion_window=api_key.completion_window, at=at
+        context.tariffs,
+        purpose=api_key.purpose,
+        completion_window=api_key.completion_window,
+        at=at,
+        account_id=api_key.account_id,
     )
     if tariff is not None:
         return tariff.price
@@ -183,6 +190,21 @@ def price_select(*, context: ModelContext, api_key: ApiKey, at: datetime) -> Pri
     metrics.DEFAULT_PRICE_USED.inc()
     logger.warning("model %s has no tariff: billed at the default price", context.alias)
     return default
+
+
+def provider_price_for(*, context: ModelContext, at: datetime) -> Price | None:
+    """What the model costs us upstream at `at` (None: no provider price), from the cached
+    context: no database read on the request's path."""
+    chosen = provider_price_choose(context.provider_prices, at=at)
+    return None if chosen is None else chosen.price
+
+
+def routed_models() -> list[tuple[str, str, str]]:
+    """(alias, upstream kind, upstream model) of every route: what the price import looks up."""
+    return [
+        (route.model.alias, route.upstream.kind, route.upstream_model)
+        for route in Route.objects.select_related("model", "upstream").order_by("model__alias")
+    ]
 
 
 def models_for_key(*, api_key: ApiKey, at: datetime) -> list[str]:
@@ -198,6 +220,7 @@ def models_for_key(*, api_key: ApiKey, at: datetime) -> list[str]:
             purpose=api_key.purpose,
             completion_window=api_key.completion_window,
             at=at,
+            account_id=api_key.account_id,
         )
         is not None
     )

@@ -24,6 +24,11 @@ from billing.errors import HoldAlreadyResolved, IdempotencyConflict
 from billing.pricing import Usage
 from billing.services.budgets import api_key_budgets_roll
 from billing.services.holds import RequestDetails, hold_settle
+from billing.services.statements import (
+    statements_issue_for_month,
+    statements_issue_last_month,
+)
+from billing.statements import month_parse
 from reconciliation.services.failures import deduction_failure_record, settled_items_resolve
 from reconciliation.services.sweeps import holds_expire_and_queue, ledger_audit_and_queue
 
@@ -177,3 +182,12 @@ def audit_ledger() -> dict[str, object]:
 @shared_task(name="reconciliation.budgets_roll", acks_late=True, reject_on_worker_lost=True)
 def budgets_roll() -> int:
     return api_key_budgets_roll(now=timezone.now())
+
+
+@shared_task(name="reconciliation.statements_issue", acks_late=True, reject_on_worker_lost=True)
+def statements_issue(*, month: str | None = None) -> dict[str, object]:
+    """Last month's statements (beat: 00:30 UTC on the 1st), or `month`'s (YYYY-MM) when
+    given; idempotent per account and month."""
+    if month is None:
+        return statements_issue_last_month(now=timezone.now())
+    return statements_issue_for_month(month=month_parse(month), now=timezone.now())

@@ -26,6 +26,7 @@ class T:
     completion_window: str
     valid_from: datetime
     valid_until: datetime | None = None
+    account_id: int | None = None
 
 
 PRICE_CHANGE = at(2026)
@@ -245,3 +246,220 @@ def test_price_cost_rounds_once_not_per_token_class() -> None:
     # Each class alone is half a unit (rounds to 0, half-even); together they are one unit.
     price = Price(input_per_mtok=Decimal("0.00005"), output_per_mtok=Decimal("0.00005"))
     assert price.cost(Usage(input_tokens=1, output_tokens=1)) == Decimal("0.0000000001")
+
+
+# --- per-account (negotiated) tariffs --------------------------------------------------------
+
+ACME, OTHER = 7, 8
+# The general history above plus negotiated rows. Names say whose and what for.
+ACCOUNT_UNIVERSE = {
+    **UNIVERSE,
+    **{
+        t.name: t
+        for t in [
+            T("acme-realtime-2025", "realtime", "", at(2025), PRICE_CHANGE, account_id=ACME),
+            T("acme-realtime-2026", "realtime", "", PRICE_CHANGE, account_id=ACME),
+            T("acme-batch-24h", "batch", "24h", at(2025), account_id=ACME),
+            T("acme-playground-2030", "playground", "", at(2030), account_id=ACME),
+            T("other-realtime", "realtime", "", at(2025), account_id=OTHER),
+            T("other-batch", "batch", "", at(2025), account_id=OTHER),
+        ]
+    },
+}
+WITH_ACCOUNTS = tuple(ACCOUNT_UNIVERSE)
+GENERAL_ONLY = ALL
+
+# (tariffs present, account, key purpose, key completion window, when, expected tariff or None)
+ACCOUNT_CASES = [
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "realtime",
+        "",
+        at(2026, 6),
+        "acme-realtime-2026",
+        id="account-tariff-beats-general-in-its-tier",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "realtime",
+        "",
+        at(2025, 6),
+        "acme-realtime-2025",
+        id="account-tariff-history-by-validity",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "batch",
+        "24h",
+        at(2026, 6),
+        "acme-batch-24h",
+        id="account-window-tariff-beats-general-window-tariff",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "batch",
+        "",
+        at(2026, 6),
+        "batch",
+        id="general-purpose-tier-beats-account-realtime-fallback",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "batch",
+        "7d",
+        at(2026, 6),
+        "batch",
+        id="account-window-never-prices-another-window",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "playground",
+        "",
+        at(2026, 6),
+        "acme-realtime-2026",
+        id="unpriced-purpose-falls-back-to-account-realtime",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "playground",
+        "",
+        at(2029, 12, 31),
+        "acme-realtime-2026",
+        id="future-account-tariff-never-used",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "playground",
+        "",
+        at(2030),
+        "acme-playground-2030",
+        id="account-tariff-applies-from-its-start",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        ACME,
+        "realtime",
+        "",
+        at(2024, 12, 31),
+        None,
+        id="account-before-any-tariff-is-none",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        OTHER,
+        "batch",
+        "",
+        at(2026, 6),
+        "other-batch",
+        id="each-account-gets-its-own",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        9,
+        "realtime",
+        "",
+        at(2026, 6),
+        "realtime-2026",
+        id="account-without-own-tariff-gets-general",
+    ),
+    pytest.param(
+        WITH_ACCOUNTS,
+        None,
+        "realtime",
+        "",
+        at(2026, 6),
+        "realtime-2026",
+        id="no-account-never-gets-a-negotiated-price",
+    ),
+    pytest.param(
+        ("other-realtime", "acme-batch-24h"),
+        9,
+        "realtime",
+        "",
+        at(2026, 6),
+        None,
+        id="another-accounts-tariff-never-prices",
+    ),
+    pytest.param(
+        GENERAL_ONLY,
+        ACME,
+        "batch",
+        "24h",
+        at(2026, 6),
+        "batch-24h",
+        id="account-with-no-negotiated-price-is-priced-as-before",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("present", "account", "purpose", "window", "when", "expected"), ACCOUNT_CASES
+)
+def test_tariff_choose_for_account(present, account, purpose, window, when, expected) -> None:  # type: ignore[no-untyped-def]
+    chosen = tariff_choose(
+        [ACCOUNT_UNIVERSE[name] for name in present],
+        purpose=purpose,
+        completion_window=window,
+        at=when,
+        account_id=account,
+    )
+    assert (chosen.name if chosen else None) == expected
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("present", "account", "purpose", "window", "when", "expected"), ACCOUNT_CASES
+)
+def test_tariff_select_for_account(present, account, purpose, window, when, expected) -> None:  # type: ignore[no-untyped-def]
+    from tests.factories import make_account
+
+    model = LanguageModelFactory(alias="gpt-test")
+    accounts = {ACME: make_account(), OTHER: make_account(), 9: make_account()}
+    ids = {}
+    for name in present:
+        spec = ACCOUNT_UNIVERSE[name]
+        row: Tariff = TariffFactory(  # type: ignore[assignment]
+            model=model,
+            account=accounts[spec.account_id] if spec.account_id else None,
+            purpose=spec.purpose,
+            completion_window=spec.completion_window,
+            valid_from=spec.valid_from,
+            valid_until=spec.valid_until,
+        )
+        ids[row.pk] = name
+    chosen = tariff_select(
+        model_alias="gpt-test",
+        purpose=purpose,
+        completion_window=window,
+        at=when,
+        account_id=accounts[account].pk if account else None,
+    )
+    assert (ids[chosen.pk] if chosen else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("percent", "expected_input", "expected_cached"),
+    [
+        pytest.param(Decimal("20"), "3.0000000000", "1.5000000000", id="plus-20-percent"),
+        pytest.param(Decimal("0"), "2.5000000000", "1.2500000000", id="at-cost"),
+        pytest.param(Decimal("-10"), "2.2500000000", "1.1250000000", id="a-discount"),
+        pytest.param(
+            Decimal("33.333333333333"), "3.3333333333", "1.6666666667", id="rounded-once-half-even"
+        ),
+    ],
+)
+def test_marked_up_price_is_exact(
+    percent: Decimal, expected_input: str, expected_cached: str
+) -> None:
+    marked = PRICE.marked_up(percent)
+    assert money_str(marked.input_per_mtok) == expected_input
+    assert money_str(marked.cached_input_per_mtok) == expected_cached  # type: ignore[arg-type]
+    assert BARE.marked_up(percent).reasoning_per_mtok is None  # unset stays unset: falls back

@@ -46,6 +46,7 @@ def _details(now: datetime) -> RequestDetails:
         outcome="completed",
         first_byte_ms=12,
         duration_ms=345,
+        provider_cost=D("0.3125"),  # recorded beside the cost, never posted
     )
 
 
@@ -161,6 +162,7 @@ def _expected_rows(*, cost: str, settle_after: int, now: datetime) -> dict[str, 
             "reasoning_tokens": 2,
             "estimated": False,
             "cost": charged,
+            "provider_cost": D("0.3125"),
             "status": UsageRecord.Status.SETTLED,
             "outcome": "completed",
             "started_at": now,

@@ -120,6 +120,7 @@ def test_adding_a_tariff_writes_it_with_one_staff_action(request, language_model
     assert action.transaction_id is None
     assert action.details == {
         "tariff_id": tariff.pk,
+        "account_id": None,
         "purpose": "realtime",
         "completion_window": "",
         "valid_from": "2026-12-01T00:00:00+00:00",
