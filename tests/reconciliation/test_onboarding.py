@@ -436,6 +436,17 @@ def test_account_page_shows_one_screen(finance, account, issued_key, now):
     assert reverse("admin:reconciliation_reconciliationitem_change", args=[item.pk]) in items
     assert reverse("admin:billing_account_statement", args=[account.pk]) in text
     assert f"{reverse('admin:billing_apikey_add')}?account={account.pk}" in text
+    for link in (
+        f"{reverse('admin:billing_apikey_changelist')}?account__id__exact={account.pk}",
+        f"{reverse('admin:reconciliation_reconciliationitem_changelist')}"
+        f"?account__id__exact={account.pk}&amp;status__exact=pending",
+        f"{reverse('admin:billing_ledgertransaction_changelist')}?account={account.pk}",
+    ):
+        assert link in text
+        listed = finance.get(link.replace("&amp;", "&"))
+        assert listed.status_code == 200  # a lookup the admin refused would redirect (?e=1)
+    holds_list = f"{reverse('admin:billing_hold_changelist')}?account__id__exact={account.pk}"
+    assert "req-open" in finance.get(f"{holds_list}&state__exact=active").content.decode()
 
 
 def test_account_overview_selector(account, issued_key, now):
