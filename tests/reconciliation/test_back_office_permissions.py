@@ -240,3 +240,34 @@ def test_the_finance_group_holds_the_back_office_permissions(db):
 
     assert held >= BACK_OFFICE_PERMISSIONS
     assert "gateway.delete_route" not in held and "billing.delete_apikey" not in held
+
+
+def test_the_back_office_migration_adds_and_removes_the_permissions(db):
+    from importlib import import_module
+
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    migration = import_module("reconciliation.migrations.0007_back_office")
+    # The migration's own historical models, as `migrate` hands them to it.
+    apps = (
+        MigrationExecutor(connection)
+        .loader.project_state(("reconciliation", "0007_back_office"))
+        .apps
+    )
+    group = Group.objects.get(name="Finance")
+
+    def held() -> set[str]:
+        return {
+            f"{app}.{codename}"
+            for app, codename in group.permissions.values_list(
+                "content_type__app_label", "codename"
+            )
+        }
+
+    migration.back_office_permissions_remove(apps, None)
+    assert not held() & BACK_OFFICE_PERMISSIONS
+    assert "billing.post_adjustment" in held()  # the group's earlier permissions stay
+
+    migration.back_office_permissions_add(apps, None)
+    assert held() >= BACK_OFFICE_PERMISSIONS
