@@ -614,6 +614,7 @@ class AutoTopupAttempt(models.Model):
     updated_at = models.DateTimeField()
 
     class Meta:
+        permissions = [("set_auto_topup", "Can set an account's auto top-up")]
         indexes = [
             models.Index(fields=["account", "created_at"]),
             models.Index(fields=["created_at"], condition=Q(status="pending"),
@@ -635,6 +636,7 @@ class Notification(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        permissions = [("set_alerts", "Can set an account's balance alerts")]
         indexes = [
             models.Index(fields=["account", "created_at"]),
             models.Index(fields=["created_at"], condition=Q(dispatched_at__isnull=True),

@@ -383,4 +383,12 @@ class Migration(migrations.Migration):
                 fields=("provider", "event_id"), name="payment_event_unique"
             ),
         ),
+        migrations.AlterModelOptions(
+            name="autotopupattempt",
+            options={"permissions": [("set_auto_topup", "Can set an account's auto top-up")]},
+        ),
+        migrations.AlterModelOptions(
+            name="notification",
+            options={"permissions": [("set_alerts", "Can set an account's balance alerts")]},
+        ),
     ]

@@ -12,7 +12,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
@@ -29,8 +29,16 @@ from billing.models import (
     NotificationDelivery,
     PaymentEvent,
 )
+from billing.money import money_form_field
 from billing.payments.providers import PaymentProviderError
-from billing.payments.services import PaymentInputError, checkout_create, topup_amount_parse
+from billing.payments.services import (
+    PaymentInputError,
+    StaffNote,
+    alerts_set,
+    auto_topup_set,
+    checkout_create,
+    topup_amount_parse,
+)
 
 
 def _transaction_links(ids: list[int]) -> str:
@@ -188,6 +196,89 @@ class CheckoutAdmin(ReadOnlyAdmin):
         )
 
 
+class AutoTopupForm(forms.Form):
+    enabled = forms.BooleanField(required=False)
+    auto_topup_threshold = money_form_field(min_value=0, required=False)
+    auto_topup_amount = money_form_field(min_value=0, required=False)
+    auto_topup_monthly_limit = money_form_field(min_value=0, required=False)
+    memo = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why: recorded as a staff action.",
+    )
+
+    def clean_memo(self) -> str:
+        return memo_required(self.cleaned_data["memo"])
+
+
+class AlertsForm(forms.Form):
+    low_balance_threshold = money_form_field(min_value=0, required=False)
+    webhook_url = forms.URLField(required=False, assume_scheme="https")
+    billing_email = forms.EmailField(required=False)
+    rotate_webhook_secret = forms.BooleanField(required=False)
+    memo = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why: recorded as a staff action.",
+    )
+
+    def clean_memo(self) -> str:
+        return memo_required(self.cleaned_data["memo"])
+
+
+def _settings_view(
+    modeladmin: admin.ModelAdmin[Any],
+    request: HttpRequest,
+    *,
+    account_id: int,
+    permission: str,
+    form_class: type[forms.Form],
+    initial: dict[str, Any],
+    apply: Any,
+    title: str,
+) -> HttpResponse:
+    """An account's payment settings: the form, a review of the change, then the result,
+    recorded as a StaffAction by the service in the same transaction."""
+    if not request.user.has_perm(permission):
+        raise PermissionDenied
+    account = Account.objects.filter(pk=account_id, kind=Account.Kind.CUSTOMER).first()
+    if account is None:
+        raise Http404("no such customer account")
+    stage, result, error = "form", None, ""
+    form = form_class(request.POST) if request.method == "POST" else form_class(initial=initial)
+    if request.method == "POST" and form.is_valid():
+        stage = "confirm"
+        if "confirm" in request.POST:
+            staff = StaffNote(
+                user_id=int(request.user.pk or 0),
+                memo=form.cleaned_data["memo"],
+                now=timezone.now(),
+            )
+            try:
+                result = apply(account.pk, form.cleaned_data, staff).as_json()
+                stage = "done"
+            except BillingError as exc:
+                error = str(exc)
+                stage = "form"
+    return TemplateResponse(
+        request,
+        "admin/billing/payments/settings_form.html",
+        {
+            **modeladmin.admin_site.each_context(request),
+            "opts": modeladmin.model._meta,
+            "title": f"{title}: {account}",
+            "form": form,
+            "stage": stage,
+            "account": account,
+            "changes": {
+                name: value
+                for name, value in (form.cleaned_data.items() if stage == "confirm" else [])
+                if name != "memo"
+            },
+            "result": result,
+            "error": error,
+        },
+    )
+
+
 @admin.register(AutoTopupAttempt)
 class AutoTopupAttemptAdmin(ReadOnlyAdmin):
     list_display = (
@@ -212,6 +303,46 @@ class AutoTopupAttemptAdmin(ReadOnlyAdmin):
     @admin.display(description="amount", ordering="amount")
     def amount_display(self, attempt: AutoTopupAttempt) -> str:
         return money_display(attempt.amount)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "settings/<int:account_id>/",
+                self.admin_site.admin_view(self.settings_view),
+                name="billing_account_auto_topup",
+            ),
+            *super().get_urls(),
+        ]
+
+    def settings_view(self, request: HttpRequest, account_id: int) -> HttpResponse:
+        account = Account.objects.filter(pk=account_id).first()
+        initial = (
+            {}
+            if account is None
+            else {
+                "enabled": account.auto_topup_enabled,
+                "auto_topup_threshold": account.auto_topup_threshold,
+                "auto_topup_amount": account.auto_topup_amount,
+                "auto_topup_monthly_limit": account.auto_topup_monthly_limit,
+            }
+        )
+        return _settings_view(
+            self,
+            request,
+            account_id=account_id,
+            permission="billing.set_auto_topup",
+            form_class=AutoTopupForm,
+            initial=initial,
+            title="Auto top-up",
+            apply=lambda pk, data, staff: auto_topup_set(
+                account_id=pk,
+                enabled=data["enabled"],
+                threshold=data["auto_topup_threshold"],
+                amount=data["auto_topup_amount"],
+                monthly_limit=data["auto_topup_monthly_limit"],
+                staff=staff,
+            ),
+        )
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -261,6 +392,45 @@ class NotificationAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request: HttpRequest) -> Any:
         return super().get_queryset(request).prefetch_related("deliveries")
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "alerts/<int:account_id>/",
+                self.admin_site.admin_view(self.alerts_view),
+                name="billing_account_alerts",
+            ),
+            *super().get_urls(),
+        ]
+
+    def alerts_view(self, request: HttpRequest, account_id: int) -> HttpResponse:
+        account = Account.objects.filter(pk=account_id).first()
+        initial = (
+            {}
+            if account is None
+            else {
+                "low_balance_threshold": account.low_balance_threshold,
+                "webhook_url": account.webhook_url,
+                "billing_email": account.billing_email,
+            }
+        )
+        return _settings_view(
+            self,
+            request,
+            account_id=account_id,
+            permission="billing.set_alerts",
+            form_class=AlertsForm,
+            initial=initial,
+            title="Balance alerts",
+            apply=lambda pk, data, staff: alerts_set(
+                account_id=pk,
+                low_balance_threshold=data["low_balance_threshold"],
+                webhook_url=data["webhook_url"],
+                billing_email=data["billing_email"],
+                rotate_secret=data["rotate_webhook_secret"],
+                staff=staff,
+            ),
+        )
 
 
 class AttemptInline(ReadOnlyInline):

@@ -69,6 +69,31 @@ class PaymentInputError(BillingError):
         self.message = message
 
 
+@dataclass(frozen=True)
+class StaffNote:
+    """Who in the admin made a change, why and when: recorded as a StaffAction in the same
+    transaction as the change."""
+
+    user_id: int
+    memo: str
+    now: datetime
+
+
+def _staff_action_write(
+    staff: StaffNote, *, action: str, account_id: int, details: dict[str, Any]
+) -> None:
+    from reconciliation.models import StaffAction
+
+    StaffAction.objects.create(
+        user_id=staff.user_id,
+        action=action,
+        target=f"account #{account_id}",
+        memo=staff.memo.strip(),
+        details=details,
+        created_at=staff.now,
+    )
+
+
 # --- amounts ---------------------------------------------------------------------------------
 
 
@@ -210,18 +235,16 @@ def checkout_create(
             created_at=now,
         )
         if created_by_id is not None:
-            StaffAction.objects.create(
-                user_id=created_by_id,
+            _staff_action_write(
+                StaffNote(user_id=created_by_id, memo=staff_memo, now=now),
                 action="checkout_link",
-                target=f"account #{account.pk}",
-                memo=staff_memo.strip(),
+                account_id=account.pk,
                 details={
                     "checkout_id": checkout.pk,
                     "session_id": checkout.session_id,
                     "amount": money_str(amount),
                     "form_key": form_key,
                 },
-                created_at=now,
             )
     return checkout
 
@@ -746,6 +769,7 @@ def auto_topup_set(
     threshold: Decimal | None = None,
     amount: Decimal | None = None,
     monthly_limit: Decimal | None = None,
+    staff: StaffNote | None = None,
 ) -> AutoTopupSettings:
     """Set (and arm) auto top-up; given values replace, None keeps the stored one. Enabled, it
     needs all three: the amount within the top-up range, a threshold and limit not negative."""
@@ -777,9 +801,17 @@ def auto_topup_set(
             auto_topup_monthly_limit=monthly_limit,
             auto_topup_armed=True,
         )
-    return AutoTopupSettings(
-        enabled=enabled, threshold=threshold, amount=amount, monthly_limit=monthly_limit
-    )
+        settings_now = AutoTopupSettings(
+            enabled=enabled, threshold=threshold, amount=amount, monthly_limit=monthly_limit
+        )
+        if staff is not None:
+            _staff_action_write(
+                staff,
+                action="set_auto_topup",
+                account_id=account_id,
+                details=settings_now.as_json(),
+            )
+    return settings_now
 
 
 def webhook_secret_new() -> str:
@@ -814,6 +846,7 @@ def alerts_set(
     webhook_url: str = _UNSET,
     billing_email: str = _UNSET,
     rotate_secret: bool = False,
+    staff: StaffNote | None = None,
 ) -> AlertSettings:
     """Set the account's alerts; an argument not given keeps its value. A webhook URL gets a
     signing secret when it has none, or when asked to rotate it; the new one is returned."""
@@ -854,12 +887,20 @@ def alerts_set(
         if updates:
             Account.objects.filter(pk=account_id).update(**updates)
         account.refresh_from_db()
-    return AlertSettings(
-        low_balance_threshold=account.low_balance_threshold,
-        webhook_url=account.webhook_url,
-        billing_email=account.billing_email,
-        webhook_secret=secret,
-    )
+        alerts = AlertSettings(
+            low_balance_threshold=account.low_balance_threshold,
+            webhook_url=account.webhook_url,
+            billing_email=account.billing_email,
+            webhook_secret=secret,
+        )
+        if staff is not None:  # the secret itself is never recorded
+            _staff_action_write(
+                staff,
+                action="set_alerts",
+                account_id=account_id,
+                details={**alerts.as_json(), "webhook_secret": secret is not None},
+            )
+    return alerts
 
 
 # --- auto top-up ---------------------------------------------------------------------------------

@@ -114,12 +114,14 @@ class AutoTopupView(GatewayView):
         enabled = data.get("enabled", True)
         if not isinstance(enabled, bool):
             raise invalid_param("enabled", "'enabled' must be true or false.")
-        values = {
-            name: _optional_amount(data, f"auto_topup_{name}")
-            for name in ("threshold", "amount", "monthly_limit")
-        }
         settings = _input_errors(
-            lambda: auto_topup_set(account_id=self.api_key.account_id, enabled=enabled, **values)
+            lambda: auto_topup_set(
+                account_id=self.api_key.account_id,
+                enabled=enabled,
+                threshold=_optional_amount(data, "auto_topup_threshold"),
+                amount=_optional_amount(data, "auto_topup_amount"),
+                monthly_limit=_optional_amount(data, "auto_topup_monthly_limit"),
+            )
         )
         return JsonResponse(settings.as_json())
 

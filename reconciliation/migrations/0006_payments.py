@@ -16,6 +16,8 @@ FINANCE_PERMISSIONS = (
     ("billing", "view_notification"),
     ("billing", "view_notificationdelivery"),
     ("billing", "view_deliveryattempt"),
+    ("billing", "set_auto_topup"),
+    ("billing", "set_alerts"),
 )
 RELAY_NAME = "Deliver payment alerts and auto top-ups"
 

@@ -64,6 +64,8 @@ FINANCE_PERMISSIONS = (
     "billing.view_notification",
     "billing.view_notificationdelivery",
     "billing.view_deliveryattempt",
+    "billing.set_auto_topup",
+    "billing.set_alerts",
 )
 
 
