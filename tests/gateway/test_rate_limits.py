@@ -19,7 +19,7 @@ from django.test import override_settings
 from django.utils import timezone
 from prometheus_client import REGISTRY
 
-from billing.models import Hold, LedgerTransaction, UsageRecord
+from billing.models import SYSTEM_ACCOUNT_IDS, Account, Hold, LedgerTransaction, UsageRecord
 from billing.services.keys import api_key_update
 from gateway import ratelimit
 from gateway.errors import GatewayError
@@ -34,6 +34,7 @@ from gateway.ratelimit import (
 from tests.factories import make_key
 from tests.gateway.conftest import start_gateway, stop_gateway
 from tests.gateway.ledger import assert_clean
+from tests.workers import wait_until
 
 RATELIMIT_HEADERS = {
     "x-ratelimit-limit-requests",
@@ -304,3 +305,35 @@ def test_a_refusal_tells_how_long_to_wait():
     assert error.headers["retry-after"] == "5"
     assert "Limit 3" in error.message and "4.2s" in error.message
     assert Decimal(error.headers["x-ratelimit-limit-requests"]) == 3
+
+
+def test_a_settle_handed_to_the_retry_task_still_counts_its_tokens(
+    world, running_worker, worker_queue, row_locker, tmp_path
+):
+    # As in test_settle_outage: the revenue account's row is locked, so the gateway's settle
+    # gives up after 300 ms and hands the settle (and its usage) to the worker.
+    gateway = start_gateway(
+        tmp_path / "gateway.log",
+        PGOPTIONS="-c lock_timeout=300",
+        CELERY_TASK_DEFAULT_QUEUE=worker_queue,
+    )
+    issued = limited_key(world, tpm=50)
+    try:
+        row_locker.lock_account(SYSTEM_ACCOUNT_IDS[Account.Kind.REVENUE])
+        handed_off = chat(gateway.url, issued.secret, world.openai_model, "[mock:tokens=80]")
+        assert handed_off.status_code == 200
+        assert "handing it to the retry task" in gateway.log_text()
+        assert handed_off.headers["x-ratelimit-remaining-tokens"] == "0"
+        refused = chat(gateway.url, issued.secret, world.openai_model)
+        row_locker.release()
+        request_id = handed_off.headers["x-request-id"]
+        wait_until(
+            lambda: Hold.objects.get(request_id=request_id).state == Hold.State.SETTLED,
+            timeout=30,
+        )
+    finally:
+        stop_gateway(gateway)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "tokens"
+    assert_no_trace(refused.headers["x-request-id"])
+    assert_clean(world.account)
