@@ -640,3 +640,15 @@ def test_ledger_entries_keep_their_exact_amounts_in_the_export(finance, account)
     txn = LedgerTransaction.objects.get(memo="opening credits")
     page = finance.get(reverse("admin:billing_ledgertransaction_change", args=[txn.pk]))
     assert "10.0000000000" in page.content.decode()
+
+
+def test_a_system_account_page_sums_its_legs_and_offers_no_key(finance, account):
+    promotions = Account.objects.get(kind=Account.Kind.PROMOTIONS)
+
+    page = finance.get(reverse("admin:billing_account_change", args=[promotions.pk]))
+
+    text = page.content.decode()
+    assert page.status_code == 200
+    figures = text[text.index('id="account-figures"') : text.index('id="account-keys"')]
+    assert "-10.0000000000 USD" in figures  # the opening grant's other leg
+    assert 'id="issue-key"' not in text
