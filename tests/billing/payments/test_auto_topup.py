@@ -230,3 +230,22 @@ def test_never_more_than_the_monthly_limit_in_a_utc_month(
     assert purchases.count() == 3
     assert sum(p.legs.get(account_id=account.pk).amount for p in purchases) == Decimal("30")
     assert_books_clean()
+
+
+def test_the_dummy_provider_tops_up_through_the_same_event_path(
+    client: Client, account, issued_key, now, settings  # type: ignore[no-untyped-def]
+) -> None:
+    from billing.payments.services import checkout_create, dummy_checkout_pay
+
+    settings.PAYMENTS_PROVIDER = "dummy"
+    checkout = checkout_create(account_id=account.pk, amount=Decimal("5"), now=now)
+    dummy_checkout_pay(session_id=checkout.session_id, now=now)  # saves the dummy card
+    _enable(account)
+    spend(issued_key, "14", now=now)  # 15 -> 1: crossing
+    attempt = auto_topup_charge(attempt_id=AutoTopupAttempt.objects.get().pk, now=now)
+    assert attempt.status == "succeeded"
+    assert Account.objects.get(pk=account.pk).balance == Decimal("11")
+    assert LedgerTransaction.objects.get(
+        idempotency_key=f"dummy:payment_intent:{attempt.payment_intent_id}"
+    ).pk == attempt.transaction_id
+    assert_books_clean()
