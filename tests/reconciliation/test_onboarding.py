@@ -652,3 +652,40 @@ def test_a_system_account_page_sums_its_legs_and_offers_no_key(finance, account)
     figures = text[text.index('id="account-figures"') : text.index('id="account-keys"')]
     assert "-10.0000000000 USD" in figures  # the opening grant's other leg
     assert 'id="issue-key"' not in text
+
+
+def test_upstream_change_applies_to_its_routes_at_once_in_this_process(
+    transactional_db, finance_user, now
+):
+    from reconciliation.services.onboarding import upstream_save_by_staff
+
+    upstream = upstream_save(
+        upstream_id=None, name="u", kind="openai", base_url="https://old.test/v1"
+    )
+    route_save(route_id=None, alias="m-moved", upstream_id=upstream.pk)
+    assert model_context_get(alias="m-moved").base_url == "https://old.test/v1"
+
+    upstream_save_by_staff(
+        upstream_id=upstream.pk,
+        name="u-renamed",
+        kind="openai",
+        base_url="https://new.test/v1/",
+        api_key_env="NEW_KEY",
+        connect_timeout_seconds=3,
+        read_timeout_seconds=30,
+        user=finance_user,
+        memo="moved",
+        now=now,
+    )
+
+    context = model_context_get(alias="m-moved")
+    assert (context.base_url, context.api_key_env, context.read_timeout) == (
+        "https://new.test/v1",
+        "NEW_KEY",
+        30,
+    )
+    assert Upstream.objects.get().name == "u-renamed"
+    action = StaffAction.objects.get()
+    assert (action.action, action.details["api_key_env"]) == ("upstream_change", "NEW_KEY")
+    with pytest.raises(InvalidAmount, match="exists already"):
+        upstream_save(upstream_id=None, name="u-renamed", kind="openai", base_url="https://x.test")
