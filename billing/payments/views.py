@@ -11,6 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, Js
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods
+from drf_spectacular.utils import extend_schema
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -21,6 +22,14 @@ from billing.payments.providers import (
     PaymentProviderError,
     WebhookSignatureInvalid,
     payment_provider,
+)
+from billing.payments.serializers import (
+    AlertsRequestSerializer,
+    AlertsSerializer,
+    AutoTopupRequestSerializer,
+    AutoTopupSerializer,
+    CheckoutRequestSerializer,
+    CheckoutSerializer,
 )
 from billing.payments.services import (
     PaymentInputError,
@@ -35,6 +44,7 @@ from billing.payments.services import (
 )
 from billing.permissions import AdminScopeKey
 from gateway.errors import GatewayError, invalid_param
+from gateway.schema import gateway_responses
 from gateway.views import GatewayView
 
 
@@ -81,8 +91,16 @@ def _text(data: dict[str, Any], name: str) -> str:
 
 
 class CheckoutView(GatewayView):
+    """A top-up: a checkout session at the payment provider for `amount` USD. The credit is
+    posted when the provider says the payment completed."""
+
     permission_classes = [AdminScopeKey]
 
+    @extend_schema(
+        operation_id="billing_checkout_create",
+        request=CheckoutRequestSerializer,
+        responses=gateway_responses({201: CheckoutSerializer}, errors=(400, 403, 415, 502)),
+    )
     def post(self, request: Request) -> HttpResponseBase:
         data = _body(request)
         amount = _input_errors(lambda: topup_amount_parse(data.get("amount")))
@@ -107,8 +125,16 @@ class CheckoutView(GatewayView):
 
 
 class AutoTopupView(GatewayView):
+    """The account's auto top-up: below the threshold, charge the amount to the card its first
+    checkout saved, at most the monthly limit per UTC calendar month."""
+
     permission_classes = [AdminScopeKey]
 
+    @extend_schema(
+        operation_id="billing_auto_topup_update",
+        request=AutoTopupRequestSerializer,
+        responses=gateway_responses(AutoTopupSerializer, errors=(400, 403, 415)),
+    )
     def patch(self, request: Request) -> HttpResponseBase:
         data = _body(request)
         enabled = data.get("enabled", True)
@@ -127,8 +153,16 @@ class AutoTopupView(GatewayView):
 
 
 class AlertsView(GatewayView):
+    """The account's balance alerts: the low-balance threshold, the webhook (Standard Webhooks
+    signed; a new secret is in this answer only) and the billing email."""
+
     permission_classes = [AdminScopeKey]
 
+    @extend_schema(
+        operation_id="billing_alerts_update",
+        request=AlertsRequestSerializer,
+        responses=gateway_responses(AlertsSerializer, errors=(400, 403, 415)),
+    )
     def patch(self, request: Request) -> HttpResponseBase:
         data = _body(request)
         options: dict[str, Any] = {}
@@ -148,6 +182,7 @@ class AlertsView(GatewayView):
         return JsonResponse(alerts.as_json())
 
 
+@extend_schema(exclude=True)
 class StripeWebhookView(APIView):
     """Stripe's events: verified (STRIPE_WEBHOOK_SECRET, 300 s tolerance), stored unique by
     id, then applied; a duplicate or concurrent delivery gets 200 as well."""
