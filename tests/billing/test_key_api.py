@@ -131,6 +131,16 @@ def test_another_account_s_key_is_a_404(world, admin_key, method, path):
     assert (other.api_key.status, other.api_key.name) == (ApiKey.Status.ACTIVE, "")
 
 
+def test_a_key_id_beyond_any_integer_is_a_404_not_a_database_error(world, admin_key):
+    with client(world, admin_key.secret) as http:
+        for answer in (
+            http.get(f"/v1/keys/{10**20}"),
+            http.patch(f"/v1/keys/{10**20}", json={"name": "x"}),
+            http.post(f"/v1/keys/{10**20}/revoke"),
+        ):
+            assert answer.status_code == 404, answer.text
+
+
 def test_the_key_api_round_trip(world, admin_key):
     expires = (timezone.now() + timedelta(days=30)).replace(microsecond=0)
     with client(world, admin_key.secret) as http:
