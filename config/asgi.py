@@ -1,53 +1,87 @@
-"""The ASGI application: /v1/ (the gateway) and everything else (admin, health, metrics).
+"""The ASGI application: Django's own ASGI handler serves /v1/ (the gateway) and the site (admin,
+health, metrics) through the one URLconf and MIDDLEWARE (gateway/middleware.py keeps the site's
+middleware off /v1/).
 
-The completion endpoints have their own lean ASGI app; the rest of /v1/ and the site are Django
-handlers over the same URLconf: the gateway's with only the gateway's own async middleware, the
-site's with the full MIDDLEWARE list (gateway/handler.py says why). Everything under /v1/ is
-behind gateway/limits.py's two wrappers, whichever app serves the path: OpenRequestLimit (at
-most GATEWAY_MAX_OPEN_REQUESTS in progress per process), then BodyLimit (the body's size and
-its read deadline). The deadline on a request's head is the server's: config/uvicorn.py.
+In front of it, one thin wrapper per request:
+- under /v1/, gateway/limits.py's two limits: OpenRequestLimit (at most
+  GATEWAY_MAX_OPEN_REQUESTS in progress per process), then BodyLimit (the body's size and its
+  read deadline), before Django reads a byte of the body. The deadline on a request's head is the
+  server's: config/uvicorn.py;
+- `RequestThreads`: Django gives each request a thread for its thread-sensitive sync work (the
+  request signals, the sync views, DRF's authentication), created and joined per request; this
+  lends each request a reusable one from a free list instead, through asgiref's public
+  ThreadSensitiveContext(executor=...) (asgiref lets later blocks reuse an executor, never two
+  at once).
+Sentry's Django integration gives each request its own scope inside Django's handler.
 """
 
 import gc
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from asgiref.sync import ThreadSensitiveContext
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
+django_application = get_asgi_application()
 # The admin's CSS and JS are served by Django's own static handler (only paths under STATIC_URL).
-site_application = ASGIStaticFilesHandler(get_asgi_application())
+site_application = ASGIStaticFilesHandler(django_application)
 
 # These need the apps loaded above.
-from gateway.handler import COMPLETION_ADAPTERS, CompletionApp, GatewayASGIHandler  # noqa: E402
 from gateway.limits import BodyLimit, OpenRequestLimit  # noqa: E402
 
-completion_application = CompletionApp()
-gateway_application = GatewayASGIHandler()
+# Idle request threads kept for reuse; a burst beyond this creates (and later drops) more.
+IDLE_REQUEST_THREADS = 64
+
+# Paths the limits' refusals name in the request metrics (Django's resolver has not run).
+COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/messages")
 
 
-async def _gateway_route(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["path"] in COMPLETION_ADAPTERS:
-        await completion_application(scope, receive, send)
-    else:
-        await gateway_application(scope, receive, send)
+class RequestThreads:
+    """ASGI middleware: each request gets its thread-sensitive thread from a free list."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.idle: list[ThreadPoolExecutor] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # Only the event loop's thread touches the free list: no lock needed.
+        thread = (
+            self.idle.pop()
+            if self.idle
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        )
+        try:
+            # Django's own (inner) ThreadSensitiveContext then uses this one.
+            async with ThreadSensitiveContext(executor=thread):
+                await self.app(scope, receive, send)
+        finally:
+            if len(self.idle) < IDLE_REQUEST_THREADS:
+                self.idle.append(thread)
+            else:
+                thread.shutdown(wait=False)
 
 
 # No body over GATEWAY_MAX_BODY_BYTES or slower than GATEWAY_BODY_TIMEOUT_SECONDS reaches
-# anything under /v1/, whichever app serves it, and no more than GATEWAY_MAX_OPEN_REQUESTS of
-# its requests are in progress at once.
-gateway_routes = OpenRequestLimit(
-    BodyLimit(_gateway_route, routes=COMPLETION_ADAPTERS), routes=COMPLETION_ADAPTERS
+# anything under /v1/, and no more than GATEWAY_MAX_OPEN_REQUESTS of its requests are in
+# progress at once.
+gateway_application = OpenRequestLimit(
+    BodyLimit(RequestThreads(django_application), routes=COMPLETION_ROUTES),
+    routes=COMPLETION_ROUTES,
 )
+site_threads = RequestThreads(site_application)
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
-        await gateway_routes(scope, receive, send)
+    if scope["type"] != "http":
+        await site_application(scope, receive, send)  # Django refuses what is not HTTP
+    elif scope["path"].startswith("/v1/"):
+        await gateway_application(scope, receive, send)
     else:
-        await site_application(scope, receive, send)
+        await site_threads(scope, receive, send)
 
 
 # What is loaded by now lives as long as the process: take it out of the cyclic GC's reach, so a

@@ -180,6 +180,11 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SERVE_AUTHENTICATION": [],
+    "PREPROCESSING_HOOKS": ["gateway.schema.v1_endpoints_only"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "gateway.schema.with_gateway_errors",
+    ],
 }
 
 # --- Billing ----------------------------------------------------------------------------------

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import DatabaseError
-from django.http import JsonResponse
+from django.http import Http404, HttpResponse
 from rest_framework import exceptions
 
 from billing.errors import (
@@ -52,6 +55,8 @@ class GatewayError(Exception):
     type: str = "invalid_request_error"
     code: str | None = None
     param: str | None = None
+    # Sent with the error (a 429's retry-after, say); the view adds them to the response.
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code or self.type}: {self.message}"
@@ -107,10 +112,25 @@ def too_large() -> GatewayError:
     )
 
 
-def error_response(error: GatewayError, style: str) -> JsonResponse:
-    """For the Django side of /v1/ (the middleware adds the request id); the completion app
-    answers with gateway/http.py's error_answer."""
-    return JsonResponse(error_body(error, style), status=error.status)
+def error_response(error: GatewayError, style: str) -> HttpResponse:
+    """The response of `error` in `style`, its headers included (the middleware adds the
+    request id). A plain HttpResponse, not DRF's Response: nothing is left to render later."""
+    response = HttpResponse(
+        orjson.dumps(error_body(error, style)), status=error.status, content_type="application/json"
+    )
+    if error.status == 401:
+        response["WWW-Authenticate"] = "Bearer"
+    for name, value in error.headers.items():
+        response[name] = value
+    return response
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse:
+    """DRF's exception handler for every view (REST_FRAMEWORK["EXCEPTION_HANDLER"]): any
+    exception a view, its authentication, permissions or parsing raised, as the error the
+    client is told, in the view's provider style (`style`: OpenAI's unless it says)."""
+    style = getattr(context.get("view"), "style", OPENAI)
+    return error_response(gateway_error(exc), style)
 
 
 def error_from_billing(exc: BillingError) -> GatewayError:
@@ -179,7 +199,44 @@ def gateway_error(exc: Exception) -> GatewayError:
         # Pool exhausted or database down: nothing was held or charged; the client may retry.
         logger.warning("database unavailable before the hold: %s", type(exc).__name__)
         return billing_unavailable()
+    if isinstance(exc, Http404):  # Django's, as DRF's own handler maps it
+        return GatewayError(404, "Not found.", "invalid_request_error", "not_found")
+    if isinstance(exc, PermissionDenied):
+        return GatewayError(403, "Permission denied.", "permission_error", "permission_denied")
+    if isinstance(exc, exceptions.MethodNotAllowed):
+        return STATUS_ERRORS[405]
+    if isinstance(exc, exceptions.ValidationError):
+        return _invalid(exc.detail)
+    if isinstance(exc, exceptions.Throttled):
+        error = GatewayError(429, str(exc.detail), "rate_limit_error", "rate_limit_exceeded")
+        wait = getattr(exc, "wait", None)  # seconds, or None
+        if wait is not None:
+            error.headers["retry-after"] = str(math.ceil(wait))
+        return error
     if isinstance(exc, exceptions.APIException):
-        return GatewayError(exc.status_code, str(exc.detail), "invalid_request_error")
+        codes = exc.get_codes()
+        return GatewayError(
+            exc.status_code,
+            str(exc.detail),
+            "permission_error" if exc.status_code == 403 else "invalid_request_error",
+            codes if isinstance(codes, str) else None,
+        )
     logger.exception("unhandled gateway error")
     return STATUS_ERRORS[500]
+
+
+def _invalid(detail: Any, path: str = "") -> GatewayError:
+    """A serializer's ValidationError as one 400 naming its first invalid field, as
+    `messages[0].content` or `budget`, the way the adapters name theirs."""
+    if isinstance(detail, dict) and detail:
+        name, inner = next(iter(detail.items()))
+        if name == "non_field_errors":
+            return _invalid(inner, path)
+        return _invalid(inner, f"{path}.{name}" if path else str(name))
+    if isinstance(detail, list) and detail:
+        for index, item in enumerate(detail):
+            if isinstance(item, dict) and item:  # a list serializer's errors, by position
+                return _invalid(item, f"{path}[{index}]")
+        return _invalid(detail[0], path)
+    message = str(detail) or "Invalid value."
+    return GatewayError(400, message, "invalid_request_error", "invalid_value", path or None)

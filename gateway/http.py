@@ -1,9 +1,9 @@
-"""What the completion endpoints' ASGI app (gateway/handler.py) and the pipeline pass each
-other: the request as read off the wire, and the answer to send.
+"""What the completion views (gateway/views.py) and the pipeline pass each other: the request
+as the pipeline needs it (its id, body and headers), and the answer, which the view turns into
+Django's response.
 
-Plain objects, not Django's HttpRequest and HttpResponse: the completion endpoints are served
-without Django's request handling (see gateway/handler.py for why), and the pipeline needs
-only the body and a few headers.
+Plain objects, not Django's HttpRequest and HttpResponse: the pipeline needs only the body and
+a few headers, and its answers are built before the view knows how they will be sent.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 
-from gateway.auth import key_secret
-from gateway.errors import GatewayError, error_body
+from gateway.errors import GatewayError
 
 
 def request_id_new() -> str:
@@ -27,19 +27,35 @@ def request_id_new() -> str:
 class CompletionRequest:
     request_id: str
     body: bytes
-    headers: Mapping[str, str]  # names lower-cased, as ASGI gives them
+    # Looked up by lower-case name: ASGI's names, or Django's case-insensitive request.headers.
+    headers: Mapping[str, str]
 
     @property
     def content_type(self) -> str:
         """The media type, without parameters (as Django's request.content_type)."""
         return self.headers.get("content-type", "").partition(";")[0].strip().lower()
 
-    @property
-    def secret(self) -> str:
-        return key_secret(
-            authorization=self.headers.get("authorization", ""),
-            x_api_key=self.headers.get("x-api-key", ""),
+
+def request_json(request: CompletionRequest) -> Any:
+    """The JSON body (strict: no NaN or Infinity), or a 400 / 415 GatewayError. A request
+    without a content type is read as JSON, as the providers do."""
+    content_type = request.content_type or "application/json"
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise GatewayError(
+            415,
+            "Send the body as application/json.",
+            "invalid_request_error",
+            "unsupported_media_type",
         )
+    try:
+        return orjson.loads(request.body)  # strict: no NaN or Infinity, valid UTF-8 only
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(
+            400,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        ) from exc
 
 
 @dataclass(slots=True)
@@ -63,8 +79,17 @@ class StreamAnswer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def error_answer(error: GatewayError, style: str) -> JsonAnswer:
-    answer = JsonAnswer(error_body(error, style), status=error.status)
-    if error.status == 401:
-        answer.headers["www-authenticate"] = "Bearer"
-    return answer
+def answer_response(answer: JsonAnswer | StreamAnswer) -> HttpResponseBase:
+    """Django's response for the pipeline's answer, its headers included. A stream is a
+    StreamingHttpResponse over the pipeline's async generator: Django's ASGI handler iterates
+    it on the event loop, sending each chunk as it is produced."""
+    response: HttpResponseBase
+    if isinstance(answer, JsonAnswer):
+        response = HttpResponse(
+            answer.body(), status=answer.status, content_type="application/json"
+        )
+    else:
+        response = StreamingHttpResponse(answer.chunks, content_type=answer.content_type)
+    for name, value in answer.headers.items():
+        response[name] = value
+    return response

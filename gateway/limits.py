@@ -136,10 +136,25 @@ class OpenRequestLimit:
             await send({"type": "http.response.body", "body": body})
             return
         self.open += 1
+        counted = True
+
+        def done() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.open -= 1
+
+        async def counted_send(message: dict[str, Any]) -> None:
+            await send(message)
+            # A request whose response has ended is no longer in progress, though the app may
+            # still be finishing (Django's handler closes the response and sends its signal).
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                done()
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, counted_send)
         finally:
-            self.open -= 1
+            done()
 
 
 class _Read:

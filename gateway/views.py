@@ -1,46 +1,109 @@
-"""The read endpoints: thin DRF views. (The completion endpoints are served by
-gateway/handler.py's ASGI app, through the one pipeline.)"""
+"""The /v1/ endpoints: thin DRF views over the pipeline (completions) and the selectors
+(reads). Errors of every kind come out provider-shaped through REST_FRAMEWORK's exception
+handler (gateway.errors.exception_handler), in the view's `style`.
+
+A completion endpoint is one adapter (gateway/upstreams/) and one URL line:
+`path("v1/...", CompletionView.as_view(adapter=..., serializer_class=...,
+response_serializer=...))` (gateway/urls.py).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+import time
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as day_time
+from typing import Any, ClassVar, cast
 
+from adrf.views import APIView as AsyncAPIView
 from django.http import HttpResponseBase, JsonResponse
 from django.utils import timezone
-from rest_framework.exceptions import NotFound
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework.exceptions import MethodNotAllowed, NotFound
 from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.request import Request
-from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.models import ApiKey
 from billing.selectors import account_balance_get, account_entries, leg_as_json, usage_totals
 from gateway.auth import ApiKeyAuthentication
-from gateway.errors import OPENAI, error_body, gateway_error, invalid_param
+from gateway.errors import OPENAI, invalid_param
+from gateway.http import CompletionRequest, answer_response, request_id_new, request_json
+from gateway.pipeline import pipeline_run
+from gateway.schema import DAY_RANGE_PARAMETERS, CompletionSchema, gateway_responses
 from gateway.selectors import models_for_key
+from gateway.serializers import (
+    BalanceSerializer,
+    CompletionRequestSerializer,
+    LedgerPageSerializer,
+    ModelListSerializer,
+    UsageSerializer,
+)
+from gateway.upstreams.base import Adapter
 
 
 class GatewayView(APIView):
+    """A sync /v1/ view: the request's API key (uncached: a read has no hold to re-check a key
+    revoked a moment ago) as `api_key`, errors in `style`."""
+
     authentication_classes = [ApiKeyAuthentication]
-    style = OPENAI
-
-    def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
-        style = self.style
-
-        def handler(exc: Exception, context: dict[str, Any]) -> Response:
-            error = gateway_error(exc)
-            return Response(error_body(error, style), status=error.status)
-
-        return handler
+    style: ClassVar[str] = OPENAI
 
     @property
     def api_key(self) -> ApiKey:
         return self.request.auth  # type: ignore[return-value]
 
 
+class CompletionView(AsyncAPIView):
+    """A completion endpoint (async: adrf): the key (cached), the body as `serializer_class`
+    validates it (through `adapter`), then the one billing pipeline. A stream is answered as
+    a StreamingHttpResponse over the pipeline's async generator, which Django's ASGI handler
+    consumes on the event loop (adrf only awaits the view: it never iterates the response)."""
+
+    adapter: type[Adapter] | None = None
+    serializer_class: type[CompletionRequestSerializer] = CompletionRequestSerializer
+    response_serializer: Any = None  # the documented 200 JSON body
+    authentication_classes = [ApiKeyAuthentication]
+    api_key_cached = True  # ApiKeyAuthentication: the process's key cache (the hold re-checks)
+    http_method_names = ["post"]  # anything else is a 405 with `Allow: POST`
+    schema = CompletionSchema()
+
+    @property
+    def style(self) -> str:
+        assert self.adapter is not None
+        return self.adapter.style
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # The method first, as the providers answer: a GET is a 405 with or without a key.
+        if request.method is None or request.method.lower() not in self.http_method_names:
+            raise MethodNotAllowed(request.method or "")
+        super().initial(request, *args, **kwargs)
+
+    async def post(self, request: Request) -> HttpResponseBase:
+        adapter = self.adapter
+        assert adapter is not None, "CompletionView.as_view(adapter=...)"
+        # The middleware's request id and start (gateway/middleware.py), on Django's request
+        # (DRF's Request reads through to it).
+        completion = CompletionRequest(
+            request_id=getattr(request, "request_id", None) or request_id_new(),
+            body=request.body,
+            headers=request.headers,
+        )
+        serializer = self.serializer_class(
+            data=request_json(completion), context={"adapter": adapter}
+        )
+        serializer.is_valid(raise_exception=True)  # the adapter raises its own 400
+        answer = await pipeline_run(
+            request=completion,
+            adapter=adapter,
+            api_key=cast(ApiKey, request.auth),
+            parsed=serializer.validated_data,
+            started=getattr(request, "started", None) or time.monotonic(),
+        )
+        return answer_response(answer)
+
+
 class ModelsView(GatewayView):
+    @extend_schema(responses=gateway_responses(ModelListSerializer, errors=()))
     def get(self, request: Request) -> HttpResponseBase:
         aliases = models_for_key(api_key=self.api_key, at=timezone.now())
         return JsonResponse(
@@ -55,6 +118,7 @@ class ModelsView(GatewayView):
 
 
 class BalanceView(GatewayView):
+    @extend_schema(responses=gateway_responses(BalanceSerializer, errors=(404,)))
     def get(self, request: Request) -> HttpResponseBase:
         return JsonResponse(account_balance_get(account_id=self.api_key.account_id).as_json())
 
@@ -78,6 +142,13 @@ class LedgerPagination(CursorPagination):
 
 
 class LedgerView(GatewayView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("cursor", str, description="The `next` or `previous` of a page."),
+            OpenApiParameter("limit", int, description="Entries per page (50; at most 500)."),
+        ],
+        responses=gateway_responses(LedgerPageSerializer, errors=(404,)),
+    )
     def get(self, request: Request) -> HttpResponseBase:
         paginator = LedgerPagination()
         legs = account_entries(account_id=self.api_key.account_id, limit=None)
@@ -112,10 +183,14 @@ def usage_days(request: Request, *, today: date) -> tuple[date, date]:
 
 
 def _midnight(day: date) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=UTC)
+    return datetime.combine(day, day_time.min, tzinfo=UTC)
 
 
 class UsageView(GatewayView):
+    @extend_schema(
+        parameters=DAY_RANGE_PARAMETERS,
+        responses=gateway_responses(UsageSerializer),
+    )
     def get(self, request: Request) -> HttpResponseBase:
         first, last = usage_days(request, today=timezone.now().date())
         totals: dict[str, Any] = usage_totals(

@@ -21,7 +21,6 @@ from django.core.handlers.asgi import ASGIHandler
 
 from config.asgi import application
 from gateway import limits
-from gateway.handler import GatewayASGIHandler
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -195,7 +194,7 @@ def django_reads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
         return await read_body(self, recorded)
 
-    monkeypatch.setattr(GatewayASGIHandler, "read_body", spying)
+    monkeypatch.setattr(ASGIHandler, "read_body", spying)
     return read
 
 

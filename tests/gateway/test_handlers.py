@@ -1,10 +1,6 @@
-"""config/asgi.py's routing between the gateway's two apps, called in-process as uvicorn calls
-them. (End to end through uvicorn, every other gateway test uses both.)
-
-Completion requests run nothing in a request thread, so they are served without Django's
-request handling and its signals (whose thread hops were a quarter of the gateway's CPU at 32
-concurrent requests); the read endpoints run sync views that use the database in the request's
-thread, so they keep them, and with them the connection's return to the pool."""
+"""config/asgi.py: Django's own ASGI handler serves all of /v1/, completions included, through
+the URLconf, behind the gateway's limits; called in-process as uvicorn calls it. (End to end
+through uvicorn, every other gateway test uses it.)"""
 
 from __future__ import annotations
 
@@ -16,11 +12,15 @@ from typing import Any
 
 import pytest
 import sentry_sdk
+from django.core.handlers.asgi import ASGIHandler
 from django.core.signals import request_finished, request_started
 
 from config.asgi import application
-from gateway import handler
-from gateway.handler import GatewayASGIHandler
+from gateway import views
+from gateway.auth import ApiKeyAuthentication
+from gateway.errors import GatewayError
+
+CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 
 
 async def _call(
@@ -74,6 +74,21 @@ async def _call(
     return start["status"], headers, json.loads(payload), len(payload)
 
 
+def _scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
 @pytest.fixture
 def signals_seen() -> Any:
     seen: list[tuple[str, Any]] = []
@@ -91,33 +106,44 @@ def signals_seen() -> Any:
     request_finished.disconnect(finished)
 
 
+@pytest.fixture
+def any_key_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The completion views authenticate every request (with a stand-in key): these tests are
+    about what happens after."""
+    monkeypatch.setattr(
+        ApiKeyAuthentication, "authenticate", lambda self, request: (None, object())
+    )
+
+
 @pytest.mark.parametrize(
     ("path", "error_type"),
     [("/v1/chat/completions", "invalid_request_error"), ("/v1/messages", "authentication_error")],
 )
-def test_completions_are_served_without_request_signals(
+def test_completions_are_served_by_djangos_handler_with_the_gateways_framing(
     signals_seen: list[tuple[str, Any]], path: str, error_type: str
 ) -> None:
     status, headers, body, body_length = asyncio.run(_call("POST", path, b"{}"))
 
-    # The gateway's framing still applies: provider-shaped error, request id.
+    # Provider-shaped error from DRF's exception handler, request id from the middleware.
     assert status == 401
     assert headers["x-request-id"].startswith("req_")
     assert headers["www-authenticate"] == "Bearer"
     assert body["error"]["type"] == error_type
-    assert signals_seen == []
+    # Django's own handler, its request signals included (they give a request thread's
+    # connections back to the pool).
+    assert signals_seen == [("started", ASGIHandler), ("finished", ASGIHandler)]
     # A whole body, with its length: the server need not chunk it.
     assert int(headers["content-length"]) == body_length
+    # None of the admin's middleware ran: no session cookie, no clickjacking header.
+    assert "set-cookie" not in headers and "x-frame-options" not in headers
 
 
-def test_read_endpoints_keep_djangos_request_signals(
-    signals_seen: list[tuple[str, Any]],
-) -> None:
-    status, headers, body, _ = asyncio.run(_call("GET", "/v1/models"))
+def test_the_site_keeps_its_middleware() -> None:
+    status, headers, *_ = asyncio.run(_call("GET", "/healthz"))
 
-    assert status == 401 and headers["x-request-id"].startswith("req_")
-    assert "error" in body
-    assert signals_seen == [("started", GatewayASGIHandler), ("finished", GatewayASGIHandler)]
+    assert status == 200
+    assert headers["x-frame-options"] == "DENY"
+    assert "x-request-id" not in headers
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
@@ -129,6 +155,23 @@ def test_a_completion_endpoint_refuses_other_methods(path: str) -> None:
     assert headers["x-request-id"].startswith("req_")
     # A client error in either provider's shape (Anthropic's said api_error, a server fault).
     assert body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/nothing-here", {"type": "invalid_request_error", "code": "unknown_url"}),
+        ("/v1/messages/nothing-here", {"type": "not_found_error"}),
+    ],
+)
+def test_an_unknown_path_under_v1_is_a_provider_shaped_404(
+    path: str, expected: dict[str, str]
+) -> None:
+    status, headers, body, _ = asyncio.run(_call("POST", path, b"{}"))
+
+    assert status == 404
+    assert headers["x-request-id"].startswith("req_")
+    assert expected.items() <= body["error"].items()
 
 
 def test_a_body_over_the_limit_is_refused_declared_or_sent(settings: Any) -> None:
@@ -154,20 +197,6 @@ def test_a_body_over_the_limit_is_refused_declared_or_sent(settings: Any) -> Non
     assert status == 401
 
 
-def test_a_client_that_leaves_mid_body_gets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[Any] = []
-    monkeypatch.setattr(handler, "pipeline_run", lambda **kwargs: asked.append(kwargs))
-    client_left = asyncio.Event()
-    client_left.set()
-    request = [{"type": "http.request", "body": b'{"model":', "more_body": True}]
-    receive, send, sent = _asgi_channel(request, client_left)
-
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
-    asyncio.run(application(scope, receive, send))
-
-    assert (asked, sent) == ([], [])
-
-
 def _asgi_channel(
     messages: list[dict[str, Any]], client_left: asyncio.Event
 ) -> tuple[Any, Any, list[dict[str, Any]]]:
@@ -186,12 +215,27 @@ def _asgi_channel(
     return receive, send, sent
 
 
-def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_client_that_leaves_mid_body_gets_nothing(
+    monkeypatch: pytest.MonkeyPatch, any_key_accepted: None
 ) -> None:
-    """The client's leaving cancels the pipeline (which settles or releases what it held); the
-    app then ends normally, as uvicorn expects. A cancellation from elsewhere (the server
-    stopping) still propagates."""
+    asked: list[Any] = []
+    monkeypatch.setattr(views, "pipeline_run", lambda **kwargs: asked.append(kwargs))
+    client_left = asyncio.Event()
+    client_left.set()
+    request = [{"type": "http.request", "body": b'{"model":', "more_body": True}]
+    receive, send, sent = _asgi_channel(request, client_left)
+
+    asyncio.run(application(_scope("/v1/chat/completions"), receive, send))
+
+    assert (asked, sent) == ([], [])
+
+
+def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch, any_key_accepted: None
+) -> None:
+    """The client's leaving cancels the pipeline (which settles or releases what it held);
+    the handler then ends normally, as uvicorn expects. A cancellation from elsewhere (the
+    server stopping) still propagates."""
     seen: list[str] = []
     # Set once the pipeline is answering (one per run: an Event belongs to its loop).
     answering_started: list[asyncio.Event] = []
@@ -204,12 +248,12 @@ def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
             seen.append("cancelled")
             raise
 
-    monkeypatch.setattr(handler, "pipeline_run", answering)
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    monkeypatch.setattr(views, "pipeline_run", answering)
+    scope = _scope("/v1/chat/completions")
 
     async def client_leaves() -> tuple[list[dict[str, Any]], int]:
         answering_started.append(asyncio.Event())
-        request = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        request = [{"type": "http.request", "body": CHAT, "more_body": False}]
         # The client leaves once its request is being answered.
         receive, send, sent = _asgi_channel(request, answering_started[-1])
         await application(scope, receive, send)
@@ -219,7 +263,7 @@ def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
 
     async def server_stops() -> None:
         answering_started.append(asyncio.Event())
-        request = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        request = [{"type": "http.request", "body": CHAT, "more_body": False}]
         receive, send, _ = _asgi_channel(request, asyncio.Event())
         serving = asyncio.create_task(application(scope, receive, send))
         await answering_started[-1].wait()
@@ -238,27 +282,26 @@ def test_a_completion_request_is_freed_when_it_ends(
     sentry: bool,
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
+    any_key_accepted: None,
 ) -> None:
-    """Without the cyclic GC: an exception kept per request (Django's disconnect listener
-    raised one on every request; the view kept its error) ties the handler's frame, and with
-    it the request, into a reference cycle that only the GC's oldest generation frees, in
-    pauses of tens of milliseconds under load."""
+    """Without the cyclic GC: an exception kept per request ties the request into a reference
+    cycle that only the GC's oldest generation frees, in pauses of tens of milliseconds under
+    load."""
     if sentry:
         request.getfixturevalue("sentry_events")
     served: list[weakref.ref[Any]] = []
-    pipeline_run = handler.pipeline_run
 
-    async def recording(**kwargs: Any) -> Any:
+    async def refusing(**kwargs: Any) -> Any:
         served.append(weakref.ref(kwargs["request"]))
-        return await pipeline_run(**kwargs)
+        raise GatewayError(402, "No credit.", "insufficient_quota", "insufficient_quota")
 
-    monkeypatch.setattr(handler, "pipeline_run", recording)
+    monkeypatch.setattr(views, "pipeline_run", refusing)
     gc.collect()
     gc.disable()
     try:
         for _ in range(2):
-            status, *_ = asyncio.run(_call("POST", "/v1/chat/completions", b"{}"))
-            assert status == 401  # an error answer: the app's except path ran too
+            status, *_ = asyncio.run(_call("POST", "/v1/chat/completions", CHAT))
+            assert status == 402  # an error answer: the exception handler ran too
         assert len(served) == 2
         assert [ref() for ref in served] == [None, None]
     finally:
@@ -266,20 +309,24 @@ def test_a_completion_request_is_freed_when_it_ends(
 
 
 def test_an_error_event_carries_its_own_request_only(
-    sentry_events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    sentry_events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, any_key_accepted: None
 ) -> None:
-    """Each completion request has its own Sentry scope: its error events say which request
-    failed, and nothing of it stays on the process's scope once it has ended."""
+    """Each request has its own Sentry scope (Sentry's Django integration): its error events
+    say which request failed, and nothing of it stays on the process's scope once it has
+    ended."""
 
     async def failing(**kwargs: Any) -> Any:
         raise RuntimeError("a bug of ours")
 
-    monkeypatch.setattr(handler, "pipeline_run", failing)
-    status, _, body, _ = asyncio.run(_call("POST", "/v1/chat/completions", b"{}"))
+    monkeypatch.setattr(views, "pipeline_run", failing)
+    status, _, body, _ = asyncio.run(_call("POST", "/v1/chat/completions", CHAT))
     sentry_sdk.capture_message("after the request")
 
     assert (status, body["error"]["code"]) == (500, "internal_error")
-    assert [event.get("request") for event in sentry_events] == [
-        {"method": "POST", "url": "http://testserver/v1/chat/completions"},
-        None,
-    ]
+    requests = [event.get("request") for event in sentry_events]
+    assert len(requests) == 2 and requests[1] is None
+    assert requests[0] is not None
+    assert (requests[0]["method"], requests[0]["url"]) == (
+        "POST",
+        "http://testserver/v1/chat/completions",
+    )

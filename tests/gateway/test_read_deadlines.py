@@ -28,7 +28,7 @@ from django.utils import timezone
 
 from billing.models import Hold
 from config.asgi import application
-from gateway import handler, limits
+from gateway import limits, views
 from tests.factories import make_account, make_key
 from tests.gateway.conftest import LiveGateway, priced_models, start_gateway, stop_gateway
 
@@ -540,7 +540,7 @@ def test_a_late_completion_body_never_reaches_the_pipeline(settings, monkeypatch
         called.append(kwargs)
         raise AssertionError("the pipeline ran")
 
-    monkeypatch.setattr(handler, "pipeline_run", pipeline_run)
+    monkeypatch.setattr(views, "pipeline_run", pipeline_run)
     client = _Client(b'{"model": "m", "messages": [', ends=False)
     scope = _scope("/v1/chat/completions", (b"content-length", b"1000"))
 

@@ -13,8 +13,7 @@ import pytest
 
 from billing.models import Hold, LanguageModel, LedgerTransaction, UsageRecord
 from gateway.errors import GatewayError
-from gateway.http import CompletionRequest
-from gateway.pipeline import request_json
+from gateway.http import CompletionRequest, request_json
 from gateway.upstreams.anthropic import AnthropicMessages
 from gateway.upstreams.base import MODEL_MAX_LENGTH
 from gateway.upstreams.openai import OpenAIChat
