@@ -167,13 +167,20 @@ def memo_required(memo: str) -> str:
     return memo
 
 
+def memo_field(help_text: str = "") -> forms.CharField:
+    """The memo every staff action needs (required; `memo_required` cleans it)."""
+    return forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), help_text=help_text
+    )
+
+
 def form_key_new() -> str:
     return uuid.uuid4().hex
 
 
 class CreditForm(forms.Form):
     amount = money_form_field()  # within what the database holds: beyond it, a form error
-    memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+    memo = memo_field()
     # Made when the form is first rendered: a double submit reuses it and posts once.
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
@@ -204,10 +211,7 @@ class AccountOpenForm(forms.Form):
         ],
         initial=LedgerTransaction.Kind.GRANT,
     )
-    memo = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
-        help_text="Why this account: recorded as a staff action.",
-    )
+    memo = memo_field("Why this account: recorded as a staff action.")
     # Made when the form is first rendered: a double submit creates one account.
     form_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
@@ -717,7 +721,7 @@ class AccountAdmin(ReadOnlyAdmin):
 
 
 class MemoForm(forms.Form):
-    memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+    memo = memo_field()
 
     def clean_memo(self) -> str:
         return memo_required(self.cleaned_data["memo"])
@@ -750,10 +754,7 @@ class KeyIssueForm(forms.Form):
         widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
         help_text="UTC. Empty: the key does not expire.",
     )
-    memo = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
-        help_text="Why this key: recorded as a staff action (never the secret).",
-    )
+    memo = memo_field("Why this key: recorded as a staff action (never the secret).")
     # Made when the form is first rendered: a second submit (a reload) issues nothing new.
     form_key = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
@@ -764,7 +765,7 @@ class KeyIssueForm(forms.Form):
 class KeyBudgetForm(forms.Form):
     budget_limit = money_form_field(min_value=ZERO, required=False, label="Budget (USD)")
     budget_period = forms.ChoiceField(choices=BUDGET_PERIOD_CHOICES, required=False)
-    memo = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+    memo = memo_field()
 
     def clean_memo(self) -> str:
         return memo_required(self.cleaned_data["memo"])

@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from billing.admin import memo_required
+from billing.admin import memo_field, memo_required
 from billing.errors import InvalidAmount
 from billing.selectors import tariff_current_exists
 from gateway.models import Route, Upstream
@@ -52,10 +52,7 @@ def route_problems(route: Route) -> list[str]:
 class MemoFormMixin(forms.Form):
     """The memo every staff change needs (a Form, so ModelForms collect its field)."""
 
-    memo = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
-        help_text="Why this change: recorded as a staff action.",
-    )
+    memo = memo_field("Why this change: recorded as a staff action.")
 
     def clean_memo(self) -> str:
         return memo_required(self.cleaned_data["memo"])
