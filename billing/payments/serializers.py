@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
+CENTS_PATTERN = r"^[0-9]{1,5}(\.[0-9]{1,2})?$"  # a top-up: whole cents
+AMOUNT_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,10})?$"  # a threshold or limit: the stored precision
+
 
 class CheckoutRequestSerializer(serializers.Serializer):
-    amount = serializers.CharField(help_text='USD, within PAYMENTS_MIN_TOPUP..MAX ("25.00").')
+    amount = serializers.RegexField(
+        CENTS_PATTERN, help_text='USD, within PAYMENTS_MIN_TOPUP..MAX ("25.00").'
+    )
     success_url = serializers.URLField(required=False)
     cancel_url = serializers.URLField(required=False)
 
@@ -21,9 +26,11 @@ class CheckoutSerializer(serializers.Serializer):
 
 class AutoTopupRequestSerializer(serializers.Serializer):
     enabled = serializers.BooleanField(required=False, default=True)
-    auto_topup_threshold = serializers.CharField(required=False, allow_null=True)
-    auto_topup_amount = serializers.CharField(required=False, allow_null=True)
-    auto_topup_monthly_limit = serializers.CharField(required=False, allow_null=True)
+    auto_topup_threshold = serializers.RegexField(AMOUNT_PATTERN, required=False, allow_null=True)
+    auto_topup_amount = serializers.RegexField(CENTS_PATTERN, required=False, allow_null=True)
+    auto_topup_monthly_limit = serializers.RegexField(
+        AMOUNT_PATTERN, required=False, allow_null=True
+    )
 
 
 class AutoTopupSerializer(serializers.Serializer):
@@ -34,7 +41,7 @@ class AutoTopupSerializer(serializers.Serializer):
 
 
 class AlertsRequestSerializer(serializers.Serializer):
-    low_balance_threshold = serializers.CharField(required=False, allow_null=True)
+    low_balance_threshold = serializers.RegexField(AMOUNT_PATTERN, required=False, allow_null=True)
     webhook_url = serializers.CharField(required=False, allow_blank=True)
     billing_email = serializers.CharField(required=False, allow_blank=True)
     rotate_webhook_secret = serializers.BooleanField(required=False, default=False)
