@@ -8,7 +8,7 @@ from __future__ import annotations
 from django.http import HttpResponse, HttpResponseBase, JsonResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.request import Request
 
 from billing.errors import InvalidAmount
@@ -17,6 +17,15 @@ from billing.statements import StatementFigures, month_parse, statement_get, sta
 from gateway.errors import GatewayError
 from gateway.schema import gateway_responses
 from gateway.views import GatewayView
+
+MONTH = OpenApiParameter(
+    "month",
+    str,
+    OpenApiParameter.PATH,
+    required=True,
+    pattern=r"^\d{4}-\d{2}$",
+    description="A UTC calendar month, YYYY-MM (the current one: so far).",
+)
 
 
 class StatementView(GatewayView):
@@ -31,6 +40,9 @@ class StatementView(GatewayView):
             raise GatewayError(400, str(exc), "invalid_request_error", "invalid_month") from exc
 
     @extend_schema(
+        operation_id="billing_statement_retrieve",
+        description="The account's statement of a UTC month, as JSON (admin scope).",
+        parameters=[MONTH],
         responses=gateway_responses(
             OpenApiResponse(
                 OpenApiTypes.OBJECT,
@@ -48,6 +60,9 @@ class StatementView(GatewayView):
 
 class StatementPdfView(StatementView):
     @extend_schema(
+        operation_id="billing_statement_pdf_retrieve",
+        description="The account's statement of a UTC month, as PDF (admin scope).",
+        parameters=[MONTH],
         responses=gateway_responses(
             {(200, "application/pdf"): OpenApiResponse(OpenApiTypes.BINARY)}, errors=(400, 403)
         )

@@ -25,8 +25,9 @@ from billing.pricing import Usage
 from billing.services.budgets import api_key_budgets_roll
 from billing.services.holds import RequestDetails, hold_settle
 from billing.services.statements import (
-    statements_issue_for_month,
-    statements_issue_last_month,
+    statement_accounts,
+    statement_issue,
+    statement_month_last,
 )
 from billing.statements import month_parse
 from reconciliation.services.failures import deduction_failure_record, settled_items_resolve
@@ -186,8 +187,30 @@ def budgets_roll() -> int:
 
 @shared_task(name="reconciliation.statements_issue", acks_late=True, reject_on_worker_lost=True)
 def statements_issue(*, month: str | None = None) -> dict[str, object]:
-    """Last month's statements (beat: 00:30 UTC on the 1st), or `month`'s (YYYY-MM) when
-    given; idempotent per account and month."""
-    if month is None:
-        return statements_issue_last_month(now=timezone.now())
-    return statements_issue_for_month(month=month_parse(month), now=timezone.now())
+    """Last month's statements (beat: 00:30 UTC on the 1st), or `month`'s (YYYY-MM): one
+    task per account not issued yet, so a PDF each never makes one long task. Idempotent."""
+    issuing = statement_month_last(now=timezone.now()) if month is None else month_parse(month)
+    accounts = statement_accounts(month=issuing, unissued_only=True)
+    for account_id in accounts:
+        statement_issue_account.apply_async(
+            kwargs={"account_id": account_id, "month": f"{issuing:%Y-%m}"}
+        )
+    return {"month": f"{issuing:%Y-%m}", "queued": len(accounts)}
+
+
+@shared_task(
+    name="reconciliation.statement_issue_account",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=1,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=20,
+    soft_time_limit=120,
+    time_limit=180,
+)
+def statement_issue_account(*, account_id: int, month: str) -> bool:
+    """Issue one account's statement of `month`; True if this run issued it."""
+    _, issued = statement_issue(account_id=account_id, month=month_parse(month), now=timezone.now())
+    return issued

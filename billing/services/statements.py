@@ -47,9 +47,9 @@ def statement_issue(*, account_id: int, month: date, now: datetime) -> tuple[Sta
         return Statement.objects.get(account_id=account_id, month=month), False
 
 
-def statements_issue_for_month(*, month: date, now: datetime) -> dict[str, object]:
-    """Issue `month`'s statement of every customer account that existed by its end or had
-    postings by then. Idempotent: an account already issued is counted, not issued again."""
+def statement_accounts(*, month: date, unissued_only: bool = False) -> list[int]:
+    """The customer accounts that get `month`'s statement: those that existed by its end or
+    had postings by then (optionally only those not issued yet), by id."""
     end = month_start(month_next(month))
     accounts = (
         Account.objects.filter(kind=Account.Kind.CUSTOMER)
@@ -57,14 +57,23 @@ def statements_issue_for_month(*, month: date, now: datetime) -> dict[str, objec
         .distinct()
         .order_by("pk")
     )
+    if unissued_only:
+        accounts = accounts.exclude(statements__month=month)
+    return list(accounts.values_list("pk", flat=True))
+
+
+def statements_issue_for_month(*, month: date, now: datetime) -> dict[str, object]:
+    """Issue `month`'s statement of every account that gets one, here and now (the operator's
+    and the tests' door; the beat job fans out one task per account instead). Idempotent: an
+    account already issued is counted, not issued again."""
     issued = existing = 0
-    for account_id in accounts.values_list("pk", flat=True):
+    for account_id in statement_accounts(month=month):
         _, created = statement_issue(account_id=account_id, month=month, now=now)
         issued += created
         existing += not created
     return {"month": f"{month:%Y-%m}", "issued": issued, "already_issued": existing}
 
 
-def statements_issue_last_month(*, now: datetime) -> dict[str, object]:
-    """What the beat job runs on the 1st: last month's statements."""
-    return statements_issue_for_month(month=month_previous(date(now.year, now.month, 1)), now=now)
+def statement_month_last(*, now: datetime) -> date:
+    """The month the beat job issues on the 1st: the one before `now`'s."""
+    return month_previous(date(now.year, now.month, 1))

@@ -66,6 +66,11 @@ FINANCE_PERMISSIONS = (
     "billing.view_deliveryattempt",
     "billing.set_auto_topup",
     "billing.set_alerts",
+    # The price catalogue and statements (billing/migrations/0011_provider_prices_and_...).
+    "billing.view_providerprice",
+    "billing.view_providerpriceproposal",
+    "billing.decide_providerpriceproposal",
+    "billing.view_statement",
 )
 
 
