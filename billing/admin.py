@@ -415,6 +415,13 @@ class AccountAdmin(ReadOnlyAdmin):
             query = urlencode({"amount": money_str(credit), "memo": "Opening credit"})
             url = reverse("admin:billing_account_credit", args=[account.pk, kind])
             return redirect(f"{url}?{query}")
+        if credit:
+            self.message_user(
+                request,
+                f"The opening credit of {money_str(credit)} USD is not posted: posting credit "
+                "needs the billing.post_adjustment permission.",
+                messages.WARNING,
+            )
         return redirect("admin:billing_account_change", account.pk)
 
     def change_view(

@@ -271,3 +271,30 @@ def test_the_back_office_migration_adds_and_removes_the_permissions(db):
 
     migration.back_office_permissions_add(apps, None)
     assert held() >= BACK_OFFICE_PERMISSIONS
+
+
+def test_an_account_opener_without_credit_permission_is_told_the_credit_is_not_posted(db):
+    user = User.objects.create_user("opener", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["add_account", "view_account"])
+    )
+    client = client_for(user)
+    fields = {
+        "name": "Opened",
+        "overdraft": "0",
+        "opening_credit": "5",
+        "opening_credit_kind": "grant",
+        "memo": "m",
+        "form_key": "a" * 32,
+        "confirm": "1",
+    }
+
+    answer = client.post(reverse("admin:billing_account_add"), fields, follow=True)
+
+    account = Account.objects.get(name="Opened")
+    assert answer.redirect_chain[-1][0] == reverse(
+        "admin:billing_account_change", args=[account.pk]
+    )
+    assert "is not posted" in answer.content.decode()
+    assert account.balance == 0
+    assert list(StaffAction.objects.values_list("action", flat=True)) == ["account_open"]
