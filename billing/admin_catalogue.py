@@ -82,9 +82,11 @@ class ProviderPriceProposalAdmin(ReadOnlyAdmin):
             )
             if row.token_class == token_class
         ]
-        now = "none" if change.current is None else money_display(change.current)
-        return f"{now} → {money_display(change.proposed)}" + (
-            f" ({change.percent:+}%)" if change.percent is not None else ""
+        return format_html(
+            "{} → {}{}",
+            "none" if change.current is None else money_display(change.current),
+            money_display(change.proposed),
+            f" ({change.percent:+}%)" if change.percent is not None else "",
         )
 
     @admin.display(description="input / Mtok (now → proposed)")

@@ -116,6 +116,7 @@ def test_finance_reviews_each_proposal_seeing_the_difference_and_each_decision_i
     listing = client.get("/admin/billing/providerpriceproposal/")
     assert listing.status_code == 200
     assert "(-16.67%)" in listing.content.decode()  # input 3 -> 2.5
+    assert "&lt;span" not in listing.content.decode()  # amounts as markup, not escaped
 
     chosen = client.post(
         "/admin/billing/providerpriceproposal/",
