@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from asgiref.sync import async_to_sync
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from gateway.errors import GatewayError
@@ -79,6 +80,25 @@ class StreamAnswer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+class ClosingStream:
+    """The pipeline's async generator as a StreamingHttpResponse's content, closed with the
+    response. Django's ASGI handler iterates the generator on the event loop; if the client
+    leaves while a chunk is being sent, it stops iterating without closing it. Django closes
+    the response then (Response.close, from a request thread): a stream left unfinished is
+    closed there, on the loop, so the pipeline settles what was relayed before the request
+    ends."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        self.chunks = chunks
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self.chunks
+
+    def close(self) -> None:
+        if self.chunks.ag_frame is not None:  # not run to its end
+            async_to_sync(self.chunks.aclose)()
+
+
 def answer_response(answer: JsonAnswer | StreamAnswer) -> HttpResponseBase:
     """Django's response for the pipeline's answer, its headers included. A stream is a
     StreamingHttpResponse over the pipeline's async generator: Django's ASGI handler iterates
@@ -89,7 +109,9 @@ def answer_response(answer: JsonAnswer | StreamAnswer) -> HttpResponseBase:
             answer.body(), status=answer.status, content_type="application/json"
         )
     else:
-        response = StreamingHttpResponse(answer.chunks, content_type=answer.content_type)
+        response = StreamingHttpResponse(
+            ClosingStream(answer.chunks), content_type=answer.content_type
+        )
     for name, value in answer.headers.items():
         response[name] = value
     return response

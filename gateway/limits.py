@@ -1,8 +1,8 @@
 """The limits of everything under /v1/: two ASGI wrappers, which config/asgi.py puts in front of
-the completion app and Django's handler alike, so whatever serves a /v1/ path behind them never
-sees more than GATEWAY_MAX_BODY_BYTES of a body, waits no longer than
-GATEWAY_BODY_TIMEOUT_SECONDS for one, and runs alongside at most GATEWAY_MAX_OPEN_REQUESTS - 1
-other /v1/ requests of its process. Both hold under any ASGI server run with no flags.
+Django's handler, so whatever serves a /v1/ path behind them never sees more than
+GATEWAY_MAX_BODY_BYTES of a body, waits no longer than GATEWAY_BODY_TIMEOUT_SECONDS for one, and
+runs alongside at most GATEWAY_MAX_OPEN_REQUESTS - 1 other /v1/ requests of its process. Both
+hold under any ASGI server run with no flags.
 
 `OpenRequestLimit`, outermost: a /v1/ request beyond GATEWAY_MAX_OPEN_REQUESTS in progress in
 the process (streams included: each holds its connection) is answered 503 `overloaded` at once,
@@ -15,8 +15,8 @@ connections: idle keep-alive connections and heads still arriving are the server
   read (and before uvicorn sends a `100 Continue`, so a client that waits for one sends none).
 - A body without a declared length (chunked) is counted as it arrives: the app gets it message
   by message until the count passes the limit; then the app is told the client has gone (an
-  `http.disconnect`, on which Django's handler and the completion app both stop reading and
-  answer nothing) and the wrapper answers 413. The message that passed the limit is never
+  `http.disconnect`, on which Django's handler stops reading and answers nothing) and the
+  wrapper answers 413. The message that passed the limit is never
   handed on, so Django spools at most the limit.
 
 The 413 is sent first, then the rest of the body is read and thrown away, up to
@@ -111,7 +111,7 @@ def _error_start(path: str, error: GatewayError, *, close: bool) -> tuple[dict[s
 
 
 def _refusal_counted(path: str, routes: frozenset[str], status: int, elapsed: float) -> None:
-    """Request metrics of a refusal; a path the completion app does not serve is "unmatched",
+    """Request metrics of a refusal; a path not in `routes` is "unmatched",
     as Django's resolver has not run."""
     route = path[1:] if path in routes else "unmatched"
     metrics.REQUESTS.labels(route, str(status)).inc()
@@ -216,7 +216,7 @@ class BodyLimit:
     """ASGI middleware: no body over GATEWAY_MAX_BODY_BYTES reaches `app`, and none is waited
     for longer than GATEWAY_BODY_TIMEOUT_SECONDS (module docstring).
 
-    `routes` are the paths the request metrics name by themselves (the completion app's);
+    `routes` are the paths the request metrics name by themselves (the completion endpoints);
     a refusal on any other path is counted as "unmatched", as Django's resolver has not run.
     """
 
@@ -251,7 +251,7 @@ class BodyLimit:
             if refused:
                 return _DISCONNECT
             if ended:
-                return await receive()  # past the body (the completion app's watcher)
+                return await receive()  # past the body (Django's disconnect listener)
             if read.expired:
                 refused = 408
                 return _DISCONNECT
@@ -286,7 +286,7 @@ class BodyLimit:
         if declared is None:
             # A declared length is never passed (the server delivers no more), so only a
             # counted body's answers need watching. An app told that the client left answers
-            # nothing (Django's handler and the completion app return), so a 408 never follows
+            # nothing (Django's handler returns), so a 408 never follows
             # an answer of the app's either.
             async def watched_send(message: dict[str, Any]) -> None:
                 nonlocal answered
