@@ -678,12 +678,28 @@ def payment_event_apply(*, event_id: int, now: datetime) -> PaymentEvent:
             locked.payment_intent_id = applied.credited_intent
             locked.save()
     except _Waiting as waiting:
-        return _event_failed(event_id, str(waiting), payment_intent_id=waiting.payment_intent_id)
+        stored = _event_failed(event_id, str(waiting), payment_intent_id=waiting.payment_intent_id)
+        # The payment may have been credited since the handler looked, its waiting events
+        # collected before this one was marked: looked at again once, now that it is marked.
+        if _intent_credited(stored.provider, waiting.payment_intent_id):
+            return payment_event_apply(event_id=event_id, now=now)
+        return stored
     except (BillingError, KeyError, TypeError, ValueError) as exc:
         # The event cannot be applied as it is (malformed, an account we do not have): kept,
         # visible in the admin as failed; a redelivery tries again.
         return _event_failed(event_id, f"{type(exc).__name__}: {exc}", payment_intent_id="")
     return locked
+
+
+def _intent_credited(provider: str, intent_id: str) -> bool:
+    return bool(intent_id) and (
+        Checkout.objects.filter(
+            provider=provider, payment_intent_id=intent_id, transaction__isnull=False
+        ).exists()
+        or AutoTopupAttempt.objects.filter(
+            payment_intent_id=intent_id, transaction__isnull=False
+        ).exists()
+    )
 
 
 def _event_failed(event_id: int, detail: str, *, payment_intent_id: str) -> PaymentEvent:
