@@ -193,7 +193,7 @@ def test_never_more_than_the_monthly_limit_in_a_utc_month(
     payments_worker: CeleryWorker, stripe_for_worker: FakeStripe, client: Client, settings: Any,
     account, issued_key, now  # type: ignore[no-untyped-def]
 ) -> None:
-    from billing.tasks import auto_topup_charge_task
+    from billing.tasks import payments_relay
 
     settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
     _saved_card(account)
@@ -204,7 +204,7 @@ def test_never_more_than_the_monthly_limit_in_a_utc_month(
         spend(issued_key, str(balance - Decimal("1")), now=when)  # leaves 1 < 5: crossing
         attempt = AutoTopupAttempt.objects.order_by("-pk").first()
         assert attempt is not None
-        auto_topup_charge_task.delay(attempt_id=attempt.pk)
+        payments_relay.delay()  # the beat's relay hands the pending attempt to its task
         decided = wait_until(lambda: AutoTopupAttempt.objects.exclude(
             status__in=["pending", "charging"]).filter(pk=attempt.pk).first(), timeout=30)
         if decided.status == "confirmed":
