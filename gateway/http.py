@@ -9,7 +9,7 @@ a few headers, and its answers are built before the view knows how they will be 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,32 @@ class CompletionRequest:
     def content_type(self) -> str:
         """The media type, without parameters (as Django's request.content_type)."""
         return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+class MetaHeaders(Mapping[str, str]):
+    """A Django request's headers by lower-case name, read from its META as asked: Django's
+    request.headers builds a dict of every header, and the pipeline reads two or three."""
+
+    def __init__(self, meta: Mapping[str, Any]) -> None:
+        self.meta = meta
+
+    @staticmethod
+    def _key(name: str) -> str:
+        key = name.upper().replace("-", "_")
+        return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.meta[self._key(name)])
+
+    def __iter__(self) -> Iterator[str]:
+        for key in self.meta:
+            if key.startswith("HTTP_"):
+                yield key[5:].lower().replace("_", "-")
+            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                yield key.lower().replace("_", "-")
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def request_json(request: CompletionRequest) -> Any:
@@ -95,7 +121,7 @@ class ClosingStream:
         return self.chunks
 
     def close(self) -> None:
-        if self.chunks.ag_frame is not None:  # not run to its end
+        if getattr(self.chunks, "ag_frame", None) is not None:  # not run to its end
             async_to_sync(self.chunks.aclose)()
 
 

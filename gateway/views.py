@@ -15,10 +15,12 @@ from datetime import time as day_time
 from typing import Any, ClassVar, cast
 
 from adrf.views import APIView as AsyncAPIView
-from django.http import HttpResponseBase, JsonResponse
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.exceptions import MethodNotAllowed, NotFound
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -27,7 +29,13 @@ from billing.models import ApiKey
 from billing.selectors import account_balance_get, account_entries, leg_as_json, usage_totals
 from gateway.auth import ApiKeyAuthentication
 from gateway.errors import OPENAI, invalid_param
-from gateway.http import CompletionRequest, answer_response, request_id_new, request_json
+from gateway.http import (
+    CompletionRequest,
+    MetaHeaders,
+    answer_response,
+    request_id_new,
+    request_json,
+)
 from gateway.pipeline import pipeline_run
 from gateway.schema import DAY_RANGE_PARAMETERS, CompletionSchema, gateway_responses
 from gateway.selectors import models_for_key
@@ -39,6 +47,19 @@ from gateway.serializers import (
     UsageSerializer,
 )
 from gateway.upstreams.base import Adapter
+
+
+class FirstRenderer(BaseContentNegotiation):
+    """No negotiation: the view's first parser and renderer (the completion views answer in
+    the provider's format whatever the client accepts, as the providers do)."""
+
+    def select_parser(self, request: Request, parsers: Any) -> Any:
+        return parsers[0] if parsers else None
+
+    def select_renderer(
+        self, request: Request, renderers: Any, format_suffix: str | None = None
+    ) -> tuple[Any, str]:
+        return renderers[0], renderers[0].media_type
 
 
 class GatewayView(APIView):
@@ -65,6 +86,7 @@ class CompletionView(AsyncAPIView):
     authentication_classes = [ApiKeyAuthentication]
     api_key_cached = True  # ApiKeyAuthentication: the process's key cache (the hold re-checks)
     http_method_names = ["post"]  # anything else is a 405 with `Allow: POST`
+    content_negotiation_class = FirstRenderer  # the answer is the provider's JSON or stream
     schema = CompletionSchema()
 
     @property
@@ -72,11 +94,41 @@ class CompletionView(AsyncAPIView):
         assert self.adapter is not None
         return self.adapter.style
 
-    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+    def method_check(self, request: Request) -> None:
         # The method first, as the providers answer: a GET is a 405 with or without a key.
         if request.method is None or request.method.lower() not in self.http_method_names:
             raise MethodNotAllowed(request.method or "")
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        self.method_check(request)
         super().initial(request, *args, **kwargs)
+
+    async def async_dispatch(
+        self, request: HttpRequest, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
+        """adrf's async_dispatch, but for a key this process has cached the checks before the
+        handler (`initial`: the method, content negotiation, the key) run on the event loop,
+        as they need no database then. adrf runs them in a thread for every request: a thread
+        hop per request on the hot path. A key the cache does not know is looked up by
+        ApiKeyAuthentication in the request's thread, as adrf does."""
+        self.args, self.kwargs = args, kwargs
+        drf_request = self.initialize_request(request, *args, **kwargs)
+        self.request = drf_request
+        self.headers = self.default_response_headers
+        try:
+            self.method_check(drf_request)
+            api_key = ApiKeyAuthentication.cached_key(drf_request)
+            if api_key is None:
+                await sync_to_async(self.initial)(drf_request, *args, **kwargs)
+            else:
+                # DRF's public setters: the request is authenticated, initial skips it.
+                drf_request.user, drf_request.auth = None, api_key
+                self.initial(drf_request, *args, **kwargs)
+            response = await self.post(drf_request, *args, **kwargs)
+        except Exception as exc:
+            response = self.handle_exception(exc)
+        self.response = self.finalize_response(drf_request, response, *args, **kwargs)
+        return self.response
 
     async def post(self, request: Request) -> HttpResponseBase:
         adapter = self.adapter
@@ -86,7 +138,7 @@ class CompletionView(AsyncAPIView):
         completion = CompletionRequest(
             request_id=getattr(request, "request_id", None) or request_id_new(),
             body=request.body,
-            headers=request.headers,
+            headers=MetaHeaders(request.META),
         )
         serializer = self.serializer_class(
             data=request_json(completion), context={"adapter": adapter}

@@ -110,8 +110,10 @@ def signals_seen() -> Any:
 def any_key_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     """The completion views authenticate every request (with a stand-in key): these tests are
     about what happens after."""
+    stand_in = object()
+    monkeypatch.setattr(ApiKeyAuthentication, "cached_key", staticmethod(lambda request: stand_in))
     monkeypatch.setattr(
-        ApiKeyAuthentication, "authenticate", lambda self, request: (None, object())
+        ApiKeyAuthentication, "authenticate", lambda self, request: (None, stand_in)
     )
 
 
