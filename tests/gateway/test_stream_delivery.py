@@ -134,6 +134,9 @@ def test_a_stream_reaches_the_client_event_by_event_as_the_upstream_sends_it(
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-request-id"].startswith("req_")
+        # The pipeline's own headers on its stream reach the client too.
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
         lines = (line for line in response.iter_lines() if line)
         for index, word in enumerate(WORDS):
             # Event `index` reached us while the upstream still holds back every later one.
