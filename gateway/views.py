@@ -74,6 +74,19 @@ class GatewayView(APIView):
         return self.request.auth  # type: ignore[return-value]
 
 
+_request_serializers: dict[tuple[type[Any], type[Any]], CompletionRequestSerializer] = {}
+
+
+def _request_serializer(
+    serializer_class: type[CompletionRequestSerializer], adapter: type[Adapter]
+) -> CompletionRequestSerializer:
+    key = (serializer_class, adapter)
+    serializer = _request_serializers.get(key)
+    if serializer is None:
+        serializer = _request_serializers[key] = serializer_class(context={"adapter": adapter})
+    return serializer
+
+
 class CompletionView(AsyncAPIView):
     """A completion endpoint (async: adrf): the key (cached), the body as `serializer_class`
     validates it (through `adapter`), then the one billing pipeline. A stream is answered as
@@ -140,15 +153,15 @@ class CompletionView(AsyncAPIView):
             body=request.body,
             headers=MetaHeaders(request.META),
         )
-        serializer = self.serializer_class(
-            data=request_json(completion), context={"adapter": adapter}
+        # The adapter raises its own 400 (a serializer per view and adapter: it keeps no state).
+        parsed = _request_serializer(self.serializer_class, adapter).run_validation(
+            request_json(completion)
         )
-        serializer.is_valid(raise_exception=True)  # the adapter raises its own 400
         answer = await pipeline_run(
             request=completion,
             adapter=adapter,
             api_key=cast(ApiKey, request.auth),
-            parsed=serializer.validated_data,
+            parsed=parsed,
             started=getattr(request, "started", None) or time.monotonic(),
         )
         return answer_response(answer)
