@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from drf_spectacular.utils import OpenApiExample
+from drf_spectacular.utils import OpenApiExample, extend_schema_field
 from rest_framework import serializers
 from rest_framework.fields import empty
 
 from gateway.upstreams.base import ABSURD_MAX_TOKENS, MODEL_MAX_LENGTH, Adapter, ParsedRequest
+from gateway.upstreams.embeddings import ENCODING_FORMATS, MAX_INPUTS
+from gateway.upstreams.responses import MIN_OUTPUT_TOKENS
 
 
 class CompletionRequestSerializer(serializers.Serializer):
@@ -132,6 +134,120 @@ class AnthropicMessagesRequestSerializer(CompletionRequestSerializer):
     ]
 
 
+_TOKEN_ARRAY = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "description": "A message (role, content) or a "
+                    "typed item (function_call_output, ...).",
+                },
+            },
+        ]
+    }
+)
+class _ResponsesInput(serializers.JSONField):
+    """The Responses API's `input` (the adapter checks it)."""
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_INPUTS,
+                "items": {"type": "string", "minLength": 1},
+            },
+            _TOKEN_ARRAY,
+            {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": _TOKEN_ARRAY},
+        ]
+    }
+)
+class _EmbeddingsInput(serializers.JSONField):
+    """An embeddings `input` (the adapter checks it)."""
+
+
+class ResponsesRequestSerializer(CompletionRequestSerializer):
+    """OpenAI's Responses API request. Other fields (tools, reasoning, text, ...) are forwarded
+    to the upstream as sent. Nothing is stored: `store` may only be false, and
+    `previous_response_id`, `conversation` and `background` are refused (400 naming them)."""
+
+    model = _model()
+    input = _ResponsesInput(
+        help_text="A string (one user message), or an array of input items: messages "
+        "(role and content), tool calls and their outputs."
+    )
+    instructions = serializers.CharField(
+        required=False, allow_null=True, help_text="A system message, before the input."
+    )
+    max_output_tokens = serializers.IntegerField(
+        min_value=MIN_OUTPUT_TOKENS,
+        max_value=ABSURD_MAX_TOKENS,
+        required=False,
+        allow_null=True,
+        help_text="The output limit; the hold covers it (the route's maximum when absent).",
+    )
+    stream = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        help_text="true: the answer is a text/event-stream of the typed response.* events; "
+        "response.completed carries the usage with its cost.",
+    )
+    store = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        help_text="Only false (or absent): this gateway stores no responses, and asks the "
+        "upstream to store none.",
+    )
+
+    examples = [
+        OpenApiExample(
+            "A response",
+            value={"model": "gpt-demo", "input": "Hello", "instructions": "Be brief."},
+            request_only=True,
+        ),
+        OpenApiExample(
+            "A stream of input items",
+            value={
+                "model": "gpt-demo",
+                "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+                "max_output_tokens": 64,
+                "stream": True,
+            },
+            request_only=True,
+        ),
+    ]
+
+
+class EmbeddingsRequestSerializer(CompletionRequestSerializer):
+    """OpenAI's embeddings request, billed on input tokens only, at the input price."""
+
+    model = _model()
+    input = _EmbeddingsInput(
+        help_text="A string, or an array (at most 2048) of strings, of token ids, or of "
+        "token arrays."
+    )
+    encoding_format = serializers.ChoiceField(
+        choices=list(ENCODING_FORMATS), required=False, allow_null=True
+    )
+    dimensions = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+
+    examples = [
+        OpenApiExample(
+            "Two texts", value={"model": "gpt-demo", "input": ["Hello", "World"]}, request_only=True
+        ),
+    ]
+
+
 class _Cost(serializers.Serializer):
     cost = serializers.CharField(
         required=False, help_text="What this request was charged, a decimal string in USD."
@@ -182,10 +298,13 @@ class ServerSentEventSerializer(serializers.Serializer):
     as they come, with the cost in the last usage the stream reports."""
 
     event = serializers.CharField(
-        required=False, help_text="Anthropic's event type (message_start, ...); OpenAI sends none."
+        required=False,
+        help_text="The event's type (Anthropic's message_start, ..., the Responses API's "
+        "response.created, ...); Chat Completions sends none.",
     )
     data = serializers.CharField(  # type: ignore[assignment]  # the field, not Serializer.data
-        help_text='A JSON object (a chat.completion.chunk, an Anthropic event), or "[DONE]".'
+        help_text="A JSON object (a chat.completion.chunk, an Anthropic or a Responses API "
+        'event), or "[DONE]".'
     )
 
 
@@ -291,3 +410,42 @@ class UsageSerializer(serializers.Serializer):
     end = serializers.DateField()
     by_day = _UsageDay(many=True)
     by_model = _UsageModel(many=True)
+
+
+class _ResponsesUsage(_Cost):
+    input_tokens = serializers.IntegerField(required=False)
+    output_tokens = serializers.IntegerField(required=False)
+    total_tokens = serializers.IntegerField(required=False)
+    input_tokens_details = serializers.DictField(
+        required=False, help_text="cached_tokens: cache reads, inside input_tokens."
+    )
+    output_tokens_details = serializers.DictField(
+        required=False, help_text="reasoning_tokens: hidden reasoning, inside output_tokens."
+    )
+
+
+class ResponseSerializer(serializers.Serializer):
+    """OpenAI's response object, as the upstream sent it, with the cost in `usage`."""
+
+    id = serializers.CharField(required=False)
+    object = serializers.CharField(required=False)
+    status = serializers.CharField(required=False, help_text="completed, incomplete, ...")
+    model = serializers.CharField(required=False)
+    output = serializers.ListField(child=serializers.DictField(), required=False)
+    usage = _ResponsesUsage(required=False)
+
+
+class _EmbeddingsUsage(_Cost):
+    prompt_tokens = serializers.IntegerField(required=False)
+    total_tokens = serializers.IntegerField(required=False)
+
+
+class EmbeddingListSerializer(serializers.Serializer):
+    """OpenAI's list of embeddings, as the upstream sent it, with the cost in `usage`."""
+
+    object = serializers.CharField(required=False)
+    data = serializers.ListField(  # type: ignore[assignment]  # the field, not Serializer.data
+        child=serializers.DictField(), required=False
+    )
+    model = serializers.CharField(required=False)
+    usage = _EmbeddingsUsage(required=False)

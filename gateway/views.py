@@ -47,6 +47,7 @@ from gateway.serializers import (
     UsageSerializer,
 )
 from gateway.upstreams.base import Adapter
+from gateway.upstreams.responses import stored_response_refusal
 
 
 class FirstRenderer(BaseContentNegotiation):
@@ -165,6 +166,27 @@ class CompletionView(AsyncAPIView):
             started=getattr(request, "started", None) or time.monotonic(),
         )
         return answer_response(answer)
+
+
+class StoredResponseView(GatewayView):
+    """/v1/responses/{response_id} (retrieve, delete) and its /cancel and /input_items: this
+    gateway stores no responses (it forwards store: false), so there is none to find. Always
+    the 400 that names `response_id`, as `store` and `previous_response_id` get theirs; nothing
+    is held or billed."""
+
+    http_method_names = ["get", "post", "delete"]
+
+    @extend_schema(request=None, responses=gateway_responses({}, errors=(400,)))
+    def get(self, request: Request, response_id: str) -> HttpResponseBase:
+        raise stored_response_refusal()
+
+    @extend_schema(request=None, responses=gateway_responses({}, errors=(400,)))
+    def post(self, request: Request, response_id: str) -> HttpResponseBase:
+        raise stored_response_refusal()
+
+    @extend_schema(request=None, responses=gateway_responses({}, errors=(400,)))
+    def delete(self, request: Request, response_id: str) -> HttpResponseBase:
+        raise stored_response_refusal()
 
 
 class ModelsView(GatewayView):
