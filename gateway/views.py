@@ -124,7 +124,8 @@ class CompletionView(AsyncAPIView):
         handler (`initial`: the method, content negotiation, the key) run on the event loop,
         as they need no database then. adrf runs them in a thread for every request: a thread
         hop per request on the hot path. A key the cache does not know is looked up by
-        ApiKeyAuthentication in the request's thread, as adrf does."""
+        ApiKeyAuthentication in the request's thread, as adrf does. (So a permission or
+        throttle class on these views must be sync and need no database.)"""
         self.args, self.kwargs = args, kwargs
         drf_request = self.initialize_request(request, *args, **kwargs)
         self.request = drf_request
