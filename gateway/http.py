@@ -122,7 +122,10 @@ class ClosingStream:
 
     def close(self) -> None:
         if getattr(self.chunks, "ag_frame", None) is not None:  # not run to its end
-            async_to_sync(self.chunks.aclose)()
+            async_to_sync(self._aclose)()
+
+    async def _aclose(self) -> None:
+        await self.chunks.aclose()
 
 
 def answer_response(answer: JsonAnswer | StreamAnswer) -> HttpResponseBase:

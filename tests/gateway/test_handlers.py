@@ -8,6 +8,7 @@ import asyncio
 import gc
 import json
 import weakref
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from config.asgi import application
 from gateway import views
 from gateway.auth import ApiKeyAuthentication
 from gateway.errors import GatewayError
+from gateway.http import StreamAnswer
 
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 
@@ -332,3 +334,45 @@ def test_an_error_event_carries_its_own_request_only(
         "POST",
         "http://testserver/v1/chat/completions",
     )
+
+
+def test_a_stream_the_client_leaves_mid_send_is_closed_before_the_request_ends(
+    monkeypatch: pytest.MonkeyPatch, any_key_accepted: None
+) -> None:
+    """Django's handler stops iterating a stream whose send the client's leaving interrupted,
+    without closing it; the response's close does (ClosingStream), so the pipeline's relay
+    settles what it sent before the request ends, not whenever the generator is collected."""
+    events: list[str] = []
+
+    async def relay() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+        finally:
+            events.append("relay closed")
+
+    async def streaming(**kwargs: Any) -> Any:
+        return StreamAnswer(relay(), content_type="text/event-stream")
+
+    monkeypatch.setattr(views, "pipeline_run", streaming)
+
+    async def run() -> None:
+        client_left = asyncio.Event()
+        requests = [{"type": "http.request", "body": CHAT, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await client_left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message.get("body") == b"data: 1\n\n":
+                client_left.set()  # the client leaves while this chunk is being sent
+                await asyncio.Event().wait()
+
+        await application(_scope("/v1/chat/completions"), receive, send)
+        events.append("request ended")
+
+    asyncio.run(run())
+    assert events == ["relay closed", "request ended"]
