@@ -534,6 +534,15 @@ class AccountAdmin(ReadOnlyAdmin):
                 f"?account__id__exact={account.pk}&status__exact=pending"
             ),
             "statement_url": reverse("admin:billing_account_statement", args=[account.pk]),
+            "statement_months": statement_months(account_id=account.pk, now=timezone.now()),
+            "payment_settings": [
+                (label, reverse(name, args=[account.pk]))
+                for label, name, permission in (
+                    ("Auto top-up", "admin:billing_account_auto_topup", "billing.set_auto_topup"),
+                    ("Balance alerts", "admin:billing_account_alerts", "billing.set_alerts"),
+                )
+                if user.has_perm(permission) and not account.is_system
+            ],
         }
 
     def _context(self, request: HttpRequest, title: str, **more: Any) -> dict[str, Any]:

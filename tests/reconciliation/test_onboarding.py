@@ -13,6 +13,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from billing.admin import money_display, money_reading
 from billing.errors import BudgetExceeded, InvalidAmount
@@ -447,6 +448,21 @@ def test_account_page_shows_one_screen(finance, account, issued_key, now):
         assert listed.status_code == 200  # a lookup the admin refused would redirect (?e=1)
     holds_list = f"{reverse('admin:billing_hold_changelist')}?account__id__exact={account.pk}"
     assert "req-open" in finance.get(f"{holds_list}&state__exact=active").content.decode()
+
+
+def test_account_page_links_its_monthly_statements_and_payment_settings(finance, account):
+    page = finance.get(reverse("admin:billing_account_change", args=[account.pk])).content.decode()
+    statements = page[page.index('id="account-statements"') :]
+    this_month = f"{timezone.now():%Y-%m}"
+    statement = reverse("admin:billing_account_statement", args=[account.pk])
+    assert f"{statement}?month={this_month}" in statements
+    assert "(provisional)" in statements
+    monthly = finance.get(f"{statement}?month={this_month}")
+    assert monthly.status_code == 200
+    for name in ("admin:billing_account_auto_topup", "admin:billing_account_alerts"):
+        url = reverse(name, args=[account.pk])
+        assert url in statements
+        assert finance.get(url).status_code == 200
 
 
 def test_account_overview_selector(account, issued_key, now):
