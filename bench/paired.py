@@ -65,7 +65,9 @@ class Side:
         self.billed = 0
 
 
-def _load(side: Side, *, concurrency: int, requests: int, warmup: int) -> dict[str, float]:
+def _load(
+    side: Side, *, concurrency: int, requests: int, warmup: int, stream: bool = False
+) -> dict[str, float]:
     """One loadgen run on one side: its result and the CPU ms per request served."""
     assert side.gateway is not None
     gateway = side.gateway
@@ -75,9 +77,9 @@ def _load(side: Side, *, concurrency: int, requests: int, warmup: int) -> dict[s
         {
             "url": f"{gateway.url}/v1/chat/completions",
             "keys": side.keys[:concurrency],
-            "stream": False,
+            "stream": stream,
             "anthropic": False,
-            "body": body(model=common.BENCH_MODEL, stream=False),
+            "body": body(model=common.BENCH_MODEL, stream=stream),
             "concurrency": concurrency,
             "requests": requests,
             "warmup": warmup,
@@ -98,7 +100,9 @@ def _load(side: Side, *, concurrency: int, requests: int, warmup: int) -> dict[s
 
 
 def _round(side: Side, args: argparse.Namespace) -> dict[str, float]:
-    spread = _load(side, concurrency=32, requests=args.requests, warmup=args.warmup)
+    spread = _load(
+        side, concurrency=32, requests=args.requests, warmup=args.warmup, stream=args.stream
+    )
     measures = {
         "c32_rps": spread["rps"],
         "c32_p50_ms": spread["p50_ms"],
@@ -108,7 +112,11 @@ def _round(side: Side, args: argparse.Namespace) -> dict[str, float]:
     }
     if args.c1_requests:
         single = _load(
-            side, concurrency=1, requests=args.c1_requests, warmup=max(1, args.warmup // 4)
+            side,
+            concurrency=1,
+            requests=args.c1_requests,
+            warmup=max(1, args.warmup // 4),
+            stream=args.stream,
         )
         measures.update(
             c1_p50_ms=single["p50_ms"],
@@ -122,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the git ref to compare against")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--stream", action="store_true", help="streaming completions instead of JSON ones"
+    )
     parser.add_argument("--requests", type=int, default=3000, help="per c=32 run")
     parser.add_argument("--warmup", type=int, default=300, help="per c=32 run (c=1: a quarter)")
     parser.add_argument(
@@ -179,7 +190,8 @@ def main() -> None:
     }
     common.print_table(
         f"Paired: this checkout (head) against {args.base} ({base_commit[:7]}), "
-        f"{len(results)} rounds, {args.keys} keys, medians (CPU: ms per request served)",
+        f"{len(results)} rounds, {args.keys} keys, {'streaming' if args.stream else 'JSON'}, "
+        "medians (CPU: ms per request served)",
         ["measure", "base", "head", "median ratio head/base"],
         [[m, medians["base"][m], medians["head"][m], f"{ratios[m]:.3f}"] for m in measures],
     )
