@@ -500,8 +500,11 @@ def accounts_bulk_create(
             """
             WITH new AS (
                 INSERT INTO billing_account (name, kind, currency, status, balance, held,
-                                             overdraft, created_at)
-                SELECT %(tag)s || '-' || g, 'customer', 'USD', 'active', %(units)s, 0, 0, now()
+                    overdraft, created_at, billing_email, low_balance_armed, depleted_armed,
+                    webhook_url, webhook_secret, auto_topup_enabled, auto_topup_armed,
+                    payment_customer_id, payment_method_id)
+                SELECT %(tag)s || '-' || g, 'customer', 'USD', 'active', %(units)s, 0, 0, now(),
+                       '', true, true, '', '', false, true, '', ''  -- no alerts, no top-up
                 FROM generate_series(1, %(count)s::integer) g
                 RETURNING id
             ), txn AS (
@@ -521,10 +524,11 @@ def accounts_bulk_create(
             )
             INSERT INTO billing_apikey (account_id, name, prefix, secret_hash, purpose,
                 completion_window, status, created_at, budget_limit, budget_period,
-                budget_spent, budget_held)
+                budget_spent, budget_held, scope)
             SELECT id, '', 'bk-' || id, md5(id::text) || md5('k' || id::text), 'realtime', '',
                    'active', now(), %(limit)s::bigint,
-                   CASE WHEN %(limit)s::bigint IS NULL THEN '' ELSE %(period)s END, 0, 0
+                   CASE WHEN %(limit)s::bigint IS NULL THEN '' ELSE %(period)s END, 0, 0,
+                   'inference'
             FROM new
             RETURNING account_id, id
             """,
