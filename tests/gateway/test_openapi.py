@@ -142,3 +142,10 @@ def test_the_docs_page_needs_no_key_and_loads_the_schema() -> None:
     assert headers["content-type"].startswith("text/html")
     assert b"/v1/openapi.json" in body
     assert b"swagger-ui" in body
+    # Its assets come from this server (the sidecar package), not a CDN: the docs work offline.
+    assert b"cdn.jsdelivr.net" not in body
+    assets = re.findall(rb'src="(/static/[^"]+\.js)"', body)
+    assert assets
+    for asset in assets:
+        asset_status, _, script = _get(asset.decode())
+        assert asset_status == 200 and script
