@@ -1,6 +1,6 @@
 """Two-phase holds: place before the upstream call, then settle, release or expire exactly once.
 
-Each operation is one call of its function in the money engine (billing/sql/engine_0001.sql),
+Each operation is one call of its function in the money engine (billing/sql/engine_0002.sql),
 which decides and writes, or refuses and writes nothing. This module passes typed arguments in
 and maps the result code to the hold and to the typed errors of billing/errors.py. The sync
 services and their async twins (the gateway's event loop) run the same statement through the

@@ -1,6 +1,6 @@
 """Postings from their legs: grants, purchases, refunds, adjustments and reversals.
 
-The engine's `ledger_post` (billing/sql/engine_0001.sql) is the one writer of ledger rows and
+The engine's `ledger_post` (billing/sql/engine_0002.sql) is the one writer of ledger rows and
 cached balances: it checks the legs balance, writes the transaction and its legs and moves the
 customer balances, idempotently by the posting's key. Settles and finance's request postings
 make their legs inside the engine itself (billing/services/holds.py calls them).
