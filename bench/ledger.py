@@ -8,7 +8,7 @@ place+settle pairs after a short warm-up, all released together by a barrier, in
 scenarios in one run (placement x keys x services/raw):
 
 - services: billing.services.holds.hold_place then hold_settle (with a usage record, as the
-  gateway calls them): each one call of the money engine (billing/sql/engine_0001.sql);
+  gateway calls them): each one call of the money engine (billing/sql/engine_0002.sql);
 - raw SQL: the minimal equivalent on tables of the same shape (bench_raw_account /
   bench_raw_key / bench_raw_hold / bench_raw_entry): place = one conditional
   `UPDATE account SET held = held + x WHERE available >= x` and one INSERT; settle = one
