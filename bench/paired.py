@@ -126,6 +126,21 @@ def _round(side: Side, args: argparse.Namespace) -> dict[str, float]:
     return measures
 
 
+# Modules Django and Celery import by name from every installed app.
+AUTODISCOVERED = ("admin.py", "tasks.py")
+
+
+def _autodiscovered_modules_stub(worktree: Path) -> None:
+    """An empty module in the base's worktree for each autodiscovered one only this checkout
+    has: the virtualenv's editable install maps the project's packages to this checkout, so
+    the base would otherwise import this checkout's (gateway/admin.py, say) beside its own
+    code, and fail."""
+    for app in ("billing", "gateway", "reconciliation"):
+        for name in AUTODISCOVERED:
+            if (common.ROOT / app / name).exists() and not (worktree / app / name).exists():
+                (worktree / app / name).write_text("")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the git ref to compare against")
@@ -165,6 +180,7 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+        _autodiscovered_modules_stub(worktree)
         sides = {
             "base": Side("base", worktree, f"{common.BENCH_DATABASE_URL}_base"),
             "head": Side("head", common.ROOT, common.BENCH_DATABASE_URL),
