@@ -536,13 +536,28 @@ class AccountAdmin(ReadOnlyAdmin):
             "statement_url": reverse("admin:billing_account_statement", args=[account.pk]),
             "statement_months": statement_months(account_id=account.pk, now=timezone.now()),
             "payment_settings": [
-                (label, reverse(name, args=[account.pk]))
-                for label, name, permission in (
-                    ("Auto top-up", "admin:billing_account_auto_topup", "billing.set_auto_topup"),
-                    ("Balance alerts", "admin:billing_account_alerts", "billing.set_alerts"),
+                (label, url)
+                for label, url, permission in (
+                    (
+                        "Auto top-up",
+                        reverse("admin:billing_account_auto_topup", args=[account.pk]),
+                        "billing.set_auto_topup",
+                    ),
+                    (
+                        "Balance alerts",
+                        reverse("admin:billing_account_alerts", args=[account.pk]),
+                        "billing.set_alerts",
+                    ),
+                    (
+                        "Checkout link",
+                        f"{reverse('admin:billing_checkout_link')}?account={account.pk}",
+                        "billing.add_checkout",
+                    ),
                 )
-                if user.has_perm(permission) and not account.is_system
-            ],
+                if user.has_perm(permission)
+            ]
+            if not account.is_system  # system accounts have no settings or checkout
+            else [],
         }
 
     def _context(self, request: HttpRequest, title: str, **more: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html_join
 
 from billing.admin import ReadOnlyAdmin, memo_required, money_display
 from billing.errors import BillingError
@@ -458,8 +458,3 @@ class NotificationDeliveryAdmin(ReadOnlyAdmin):
     search_fields = ("=notification__account__id", "target")
     list_select_related = ("notification",)
     inlines = [AttemptInline]
-
-
-def checkout_link_button(account: Account) -> str:
-    url = reverse("admin:billing_checkout_link") + f"?account={account.pk}"
-    return format_html('<a class="button" href="{}">Create a checkout link</a>', url)

@@ -1,6 +1,6 @@
 """GATEWAY_MAX_BODY_BYTES on every /v1/ path (gateway/limits.py): a body over it is refused
-with a provider-shaped 413 that the client actually reads, and neither the completion app nor
-Django's handler is handed more than the limit of it.
+with a provider-shaped 413 that the client actually reads, and Django's handler (the completion
+views included) is never handed more than the limit of it.
 
 End to end against the live uvicorn (urllib and raw sockets, as clients send), and in-process
 through config/asgi.py's application for what the apps behind the limit were given."""

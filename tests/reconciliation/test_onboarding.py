@@ -459,8 +459,11 @@ def test_account_page_links_its_monthly_statements_and_payment_settings(finance,
     assert "(provisional)" in statements
     monthly = finance.get(f"{statement}?month={this_month}")
     assert monthly.status_code == 200
-    for name in ("admin:billing_account_auto_topup", "admin:billing_account_alerts"):
-        url = reverse(name, args=[account.pk])
+    for url in (
+        reverse("admin:billing_account_auto_topup", args=[account.pk]),
+        reverse("admin:billing_account_alerts", args=[account.pk]),
+        f"{reverse('admin:billing_checkout_link')}?account={account.pk}",
+    ):
         assert url in statements
         assert finance.get(url).status_code == 200
 
