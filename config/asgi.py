@@ -21,12 +21,24 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext
+from django.conf import settings
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
+from django.core.signals import request_started
+from django.db import close_old_connections, reset_queries
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 django_application = get_asgi_application()
+
+# Django's request_started receivers would cost every request a thread hop (Signal.asend runs
+# sync receivers in the request's thread) and nothing else under this application:
+# close_old_connections, because CONN_MAX_AGE is 0 (config/settings.py), so request_finished,
+# which keeps its receivers, already closed the request thread's connections at the end of its
+# previous request; reset_queries, because queries are logged only with DEBUG.
+request_started.disconnect(close_old_connections)
+if not settings.DEBUG:
+    request_started.disconnect(reset_queries)
 # The admin's CSS and JS are served by Django's own static handler (only paths under STATIC_URL).
 site_application = ASGIStaticFilesHandler(django_application)
 
