@@ -30,8 +30,9 @@ to the bench database), then checks that every successful gateway request was bi
 once (usage postings == successes, no active hold, ledger audit clean, budgets back to nothing
 held); the exit status is 1 otherwise.
 
---profile samples the gateway with py-spy during an extra c=32 non-streaming run and writes
-an SVG flame graph plus a top-frames table (bench/results/profile-*).
+--profile samples the gateway with py-spy during an extra c=32 non-streaming run (streaming
+with --profile-stream) and writes an SVG flame graph plus a top-frames table
+(bench/results/profile-*).
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ def main() -> None:
         "--only", default="", help="comma-separated substrings of the scenario names to run"
     )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--profile-stream", action="store_true", help="--profile samples streaming requests"
+    )
     parser.add_argument(
         "--gateway-env",
         action="append",
@@ -379,7 +383,9 @@ def main() -> None:
     print(f"\nbilling check: {check}")
     if profile:
         common.print_table(
-            "py-spy: top frames by inclusive share (c=32 non-streaming)",
+            "py-spy: top frames by inclusive share (c=32 "
+            + ("streaming" if args.profile_stream else "non-streaming")
+            + ")",
             ["frame", "%"],
             profile["top"]["inclusive"][:20],
         )
@@ -520,8 +526,8 @@ def run_profile(
     config = {
         "url": f"{gateway.url}/v1/chat/completions",
         "keys": keys,
-        "stream": False,
-        "body": body(model=common.BENCH_MODEL, stream=False),
+        "stream": args.profile_stream,
+        "body": body(model=common.BENCH_MODEL, stream=args.profile_stream),
         "concurrency": 32,
         "requests": requests,
         "warmup": 0,

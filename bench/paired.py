@@ -29,11 +29,15 @@ hold, ledger audit clean); the exit status is 1 if either fails.
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +130,84 @@ def _round(side: Side, args: argparse.Namespace) -> dict[str, float]:
     return measures
 
 
+# Where a sampled frame's code lives, by the first of these its file path contains ("other"
+# if none): the packages a request's CPU goes to.
+PROFILE_PACKAGES = (
+    "django/",
+    "rest_framework/",
+    "adrf/",
+    "asgiref/",
+    "uvicorn/",
+    "httptools",
+    "aiohttp/",
+    "psycopg_pool/",
+    "psycopg/",
+    "concurrent/",
+    "threading",
+    "asyncio/",
+    "prometheus_client",
+    "tiktoken",
+    "gateway/",
+    "billing/",
+    "reconciliation/",
+    "config/",
+)
+
+
+def _package(frame: str) -> str:
+    found = re.search(r"\((.*?):\d+\)", frame)
+    path = found.group(1) if found else frame
+    return next((package.strip("/") for package in PROFILE_PACKAGES if package in path), "other")
+
+
+def _profile(side: Side, args: argparse.Namespace, gw_cpu_ms: float) -> dict[str, float]:
+    """CPU ms per request by package on one side: py-spy's GIL samples (the thread that runs
+    Python) of a c=32 run, each package's share of its innermost frames times the side's
+    median gateway CPU per request."""
+    assert side.gateway is not None
+    py_spy = shutil.which("py-spy") or str(Path(common.PYTHON).with_name("py-spy"))
+    raw = common.RESULTS_DIR / f"paired-profile-{side.name}.txt"
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            _load(side, concurrency=32, requests=500, warmup=0, stream=args.stream)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    try:
+        subprocess.run(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(side.gateway.pid),
+                "--rate",
+                "200",
+                "--duration",
+                str(args.profile_seconds),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--nonblocking",
+                "--gil",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        stop.set()
+        loader.join()
+    samples: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            samples[_package(stack.split(";")[-1])] += int(count)
+    total = sum(samples.values()) or 1
+    return {package: gw_cpu_ms * count / total for package, count in samples.items()}
+
+
 # Modules Django and Celery import by name from every installed app.
 AUTODISCOVERED = ("admin.py", "tasks.py")
 
@@ -159,6 +241,12 @@ def main() -> None:
     parser.add_argument(
         "--keys", choices=("plain", "budgeted"), default="plain", help="keys of both sides"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, sample both gateways with py-spy: CPU ms per request by package",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=30)
     args = parser.parse_args()
     if args.c1_requests is None:
         args.c1_requests = args.requests // 6
@@ -186,7 +274,7 @@ def main() -> None:
             "head": Side("head", common.ROOT, common.BENCH_DATABASE_URL),
         }
         try:
-            results, checks = _compare(args, sides)
+            results, checks, profiles = _compare(args, sides)
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(worktree)],
@@ -211,6 +299,22 @@ def main() -> None:
         ["measure", "base", "head", "median ratio head/base"],
         [[m, medians["base"][m], medians["head"][m], f"{ratios[m]:.3f}"] for m in measures],
     )
+    if profiles:
+        packages = sorted(
+            set(profiles["base"]) | set(profiles["head"]),
+            key=lambda p: -profiles["head"].get(p, 0.0),
+        )
+        common.print_table(
+            "Gateway CPU ms per request by package (py-spy GIL samples x the median gateway CPU)",
+            ["package", "base", "head", "head - base"],
+            [
+                [package, f"{base_ms:.3f}", f"{head_ms:.3f}", f"{head_ms - base_ms:+.3f}"]
+                for package in packages
+                for base_ms, head_ms in [
+                    (profiles["base"].get(package, 0.0), profiles["head"].get(package, 0.0))
+                ]
+            ],
+        )
     for name, check in checks.items():
         print(f"\nbilling check, {name}: {check}")
     common.write_results(
@@ -226,6 +330,7 @@ def main() -> None:
             "medians": medians,
             "median_ratios": ratios,
             "billing_checks": checks,
+            "profile_cpu_ms_by_package": profiles,
         },
     )
     if not all(check["ok"] for check in checks.values()):
@@ -234,7 +339,7 @@ def main() -> None:
 
 def _compare(
     args: argparse.Namespace, sides: dict[str, Side]
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
     for side in sides.values():
         print(
             f"{side.name}: migrating {common.database_name(side.database_url)} "
@@ -275,6 +380,11 @@ def _compare(
                     flush=True,
                 )
             results.append(row)
+        profiles: dict[str, dict[str, float]] = {}
+        if args.profile:
+            for name, side in sides.items():
+                median_cpu = statistics.median(r[name]["c32_gw_cpu_ms"] for r in results)
+                profiles[name] = _profile(side, args, median_cpu)
     finally:
         for side in sides.values():
             if side.gateway is not None:
@@ -289,7 +399,7 @@ def _compare(
         )
         for name, side in sides.items()
     }
-    return results, checks
+    return results, checks, profiles
 
 
 if __name__ == "__main__":
