@@ -7,25 +7,22 @@ In front of it, one thin wrapper per request:
   GATEWAY_MAX_OPEN_REQUESTS in progress per process), then BodyLimit (the body's size and its
   read deadline), before Django reads a byte of the body. The deadline on a request's head is the
   server's: config/uvicorn.py;
-- `RequestThreads`: Django gives each request a thread for its thread-sensitive sync work (the
-  request signals, the sync views, DRF's authentication), created and joined per request; this
-  lends each request a reusable one from a free list instead, through asgiref's public
-  ThreadSensitiveContext(executor=...) (asgiref lets later blocks reuse an executor, never two
-  at once).
+- `RequestThreads` (config/threads.py): each request's thread-sensitive sync work goes to a
+  reusable thread from a free list, taken only if the request needs one.
 Sentry's Django integration gives each request its own scope inside Django's handler.
 """
 
 import gc
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext
 from django.conf import settings
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 from django.core.signals import request_started
 from django.db import close_old_connections, reset_queries
+
+from config.threads import RequestThreads
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -45,36 +42,8 @@ site_application = ASGIStaticFilesHandler(django_application)
 # These need the apps loaded above.
 from gateway.limits import BodyLimit, OpenRequestLimit  # noqa: E402
 
-# Idle request threads kept for reuse; a burst beyond this creates (and later drops) more.
-IDLE_REQUEST_THREADS = 64
-
 # Paths the limits' refusals name in the request metrics (Django's resolver has not run).
 COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/messages")
-
-
-class RequestThreads:
-    """ASGI middleware: each request gets its thread-sensitive thread from a free list."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.idle: list[ThreadPoolExecutor] = []
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # Only the event loop's thread touches the free list: no lock needed.
-        thread = (
-            self.idle.pop()
-            if self.idle
-            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
-        )
-        try:
-            # Django's own (inner) ThreadSensitiveContext then uses this one.
-            async with ThreadSensitiveContext(executor=thread):
-                await self.app(scope, receive, send)
-        finally:
-            if len(self.idle) < IDLE_REQUEST_THREADS:
-                self.idle.append(thread)
-            else:
-                thread.shutdown(wait=False)
 
 
 # No body over GATEWAY_MAX_BODY_BYTES or slower than GATEWAY_BODY_TIMEOUT_SECONDS reaches
