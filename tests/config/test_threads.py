@@ -168,7 +168,8 @@ def test_the_asgi_application_leaves_request_started_without_receivers() -> None
         "import config.asgi; from django.core.signals import request_started; "
         "print(len(request_started.receivers))"
     )
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings"}
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_DEBUG"}  # production settings
+    env["DJANGO_SETTINGS_MODULE"] = "config.settings"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
