@@ -15,25 +15,8 @@ from asgiref.sync import sync_to_async
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections, reset_queries
 
-from config.asgi import application
 from config.threads import RequestThreads
-
-
-def _scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+from tests.asgi import asgi_call, http_scope
 
 
 async def _receive() -> dict[str, Any]:
@@ -66,7 +49,7 @@ async def _serve(threads: RequestThreads) -> None:
     async def send(message: dict[str, Any]) -> None:
         pass
 
-    await threads(_scope("/"), _receive, send)
+    await threads(http_scope("/", method="GET"), _receive, send)
 
 
 def test_a_request_without_sync_work_closes_on_the_loop_and_takes_no_thread() -> None:
@@ -128,26 +111,6 @@ def finished_in() -> Any:
     request_finished.disconnect(finished)
 
 
-async def _django(path: str) -> int:
-    sent: list[dict[str, Any]] = []
-    body = [{"type": "http.request", "body": b"", "more_body": False}]
-    done = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        if body:
-            return body.pop()
-        await done.wait()  # the client stays until the response is complete
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            done.set()
-
-    await application(_scope(path), receive, send)
-    return int(sent[0]["status"])
-
-
 @pytest.fixture
 def request_started_as_served() -> Any:
     """request_started as config/asgi.py leaves it in a server (Django's test client, used by
@@ -182,9 +145,11 @@ def test_djangos_close_runs_on_the_loop_only_for_a_request_without_sync_work(
     finished_in: list[int],
 ) -> None:
     # An unknown /v1/ path is answered on the loop: its close (request_finished) runs there.
-    assert asyncio.run(_django("/v1/no-such-endpoint")) == 404
+    status, *_ = asyncio.run(asgi_call("GET", "/v1/no-such-endpoint"))
+    assert status == 404
     # A sync view (its key is looked up in the request's thread): its close runs in that thread.
-    assert asyncio.run(_django("/v1/models")) == 401
+    status, *_ = asyncio.run(asgi_call("GET", "/v1/models"))
+    assert status == 401
 
     loop_thread = threading.get_ident()
     assert finished_in[0] == loop_thread

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import weakref
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -21,74 +20,9 @@ from gateway import views
 from gateway.auth import ApiKeyAuthentication
 from gateway.errors import GatewayError
 from gateway.http import StreamAnswer
+from tests.asgi import asgi_call, http_scope
 
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
-
-
-async def _call(
-    method: str,
-    path: str,
-    body: bytes | list[bytes] = b"",
-    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> tuple[int, dict[str, str], Any, int]:
-    """(status, headers, JSON body, body length in bytes); a list body arrives in those chunks."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"host", b"testserver"),
-            *extra_headers,
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-    chunks = body if isinstance(body, list) else [body]
-    messages = [
-        {"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}
-        for index, chunk in enumerate(chunks)
-    ]
-    response_done = asyncio.Event()
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop(0)
-        await response_done.wait()  # the client stays until the response is complete
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            response_done.set()
-
-    await application(scope, receive, send)
-    start = sent[0]
-    headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
-    payload = b"".join(m.get("body", b"") for m in sent[1:])
-    return start["status"], headers, json.loads(payload), len(payload)
-
-
-def _scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "method": "POST",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "scheme": "http",
-        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
 
 
 @pytest.fixture
@@ -126,7 +60,7 @@ def any_key_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_completions_are_served_by_djangos_handler_with_the_gateways_framing(
     signals_seen: list[tuple[str, Any]], path: str, error_type: str
 ) -> None:
-    status, headers, body, body_length = asyncio.run(_call("POST", path, b"{}"))
+    status, headers, body, body_length = asyncio.run(asgi_call("POST", path, b"{}"))
 
     # Provider-shaped error from DRF's exception handler, request id from the middleware.
     assert status == 401
@@ -143,7 +77,7 @@ def test_completions_are_served_by_djangos_handler_with_the_gateways_framing(
 
 
 def test_the_site_keeps_its_middleware() -> None:
-    status, headers, *_ = asyncio.run(_call("GET", "/healthz"))
+    status, headers, *_ = asyncio.run(asgi_call("GET", "/healthz"))
 
     assert status == 200
     assert headers["x-frame-options"] == "DENY"
@@ -152,7 +86,7 @@ def test_the_site_keeps_its_middleware() -> None:
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 def test_a_completion_endpoint_refuses_other_methods(path: str) -> None:
-    status, headers, body, _ = asyncio.run(_call("GET", path))
+    status, headers, body, _ = asyncio.run(asgi_call("GET", path))
 
     assert status == 405
     assert headers["allow"] == "POST"
@@ -171,7 +105,7 @@ def test_a_completion_endpoint_refuses_other_methods(path: str) -> None:
 def test_an_unknown_path_under_v1_is_a_provider_shaped_404(
     path: str, expected: dict[str, str]
 ) -> None:
-    status, headers, body, _ = asyncio.run(_call("POST", path, b"{}"))
+    status, headers, body, _ = asyncio.run(asgi_call("POST", path, b"{}"))
 
     assert status == 404
     assert headers["x-request-id"].startswith("req_")
@@ -182,8 +116,8 @@ def test_a_body_over_the_limit_is_refused_declared_or_sent(settings: Any) -> Non
     settings.GATEWAY_MAX_BODY_BYTES = 100
     declared = ((b"content-length", b"101"),)
     cases = [
-        _call("POST", "/v1/messages", b"{}", declared),
-        _call("POST", "/v1/messages", [b"x" * 60] * 2),
+        asgi_call("POST", "/v1/messages", b"{}", declared),
+        asgi_call("POST", "/v1/messages", [b"x" * 60] * 2),
     ]
     for case in cases:
         status, headers, body, _ = asyncio.run(case)
@@ -197,7 +131,8 @@ def test_a_body_over_the_limit_is_refused_declared_or_sent(settings: Any) -> Non
         }
         assert headers["x-request-id"].startswith("req_")
     # At the limit, the body is read whole (and the request then fails on its missing key).
-    status, *_ = asyncio.run(_call("POST", "/v1/messages", [b"{" + b" " * 49, b" " * 49 + b"}"]))
+    at_limit = [b"{" + b" " * 49, b" " * 49 + b"}"]
+    status, *_ = asyncio.run(asgi_call("POST", "/v1/messages", at_limit))
     assert status == 401
 
 
@@ -229,7 +164,7 @@ def test_a_client_that_leaves_mid_body_gets_nothing(
     request = [{"type": "http.request", "body": b'{"model":', "more_body": True}]
     receive, send, sent = _asgi_channel(request, client_left)
 
-    asyncio.run(application(_scope("/v1/chat/completions"), receive, send))
+    asyncio.run(application(http_scope("/v1/chat/completions"), receive, send))
 
     assert (asked, sent) == ([], [])
 
@@ -253,7 +188,7 @@ def test_a_client_that_leaves_cancels_its_answer_and_nothing_else(
             raise
 
     monkeypatch.setattr(views, "pipeline_run", answering)
-    scope = _scope("/v1/chat/completions")
+    scope = http_scope("/v1/chat/completions")
 
     async def client_leaves() -> tuple[list[dict[str, Any]], int]:
         answering_started.append(asyncio.Event())
@@ -304,7 +239,7 @@ def test_a_completion_request_is_freed_when_it_ends(
     gc.disable()
     try:
         for _ in range(2):
-            status, *_ = asyncio.run(_call("POST", "/v1/chat/completions", CHAT))
+            status, *_ = asyncio.run(asgi_call("POST", "/v1/chat/completions", CHAT))
             assert status == 402  # an error answer: the exception handler ran too
         assert len(served) == 2
         assert [ref() for ref in served] == [None, None]
@@ -323,7 +258,7 @@ def test_an_error_event_carries_its_own_request_only(
         raise RuntimeError("a bug of ours")
 
     monkeypatch.setattr(views, "pipeline_run", failing)
-    status, _, body, _ = asyncio.run(_call("POST", "/v1/chat/completions", CHAT))
+    status, _, body, _ = asyncio.run(asgi_call("POST", "/v1/chat/completions", CHAT))
     sentry_sdk.capture_message("after the request")
 
     assert (status, body["error"]["code"]) == (500, "internal_error")
@@ -371,7 +306,7 @@ def test_a_stream_the_client_leaves_mid_send_is_closed_before_the_request_ends(
                 client_left.set()  # the client leaves while this chunk is being sent
                 await asyncio.Event().wait()
 
-        await application(_scope("/v1/chat/completions"), receive, send)
+        await application(http_scope("/v1/chat/completions"), receive, send)
         events.append("request ended")
 
     asyncio.run(run())
