@@ -181,13 +181,7 @@ class StoredResponseView(GatewayView):
     def get(self, request: Request, response_id: str) -> HttpResponseBase:
         raise stored_response_refusal()
 
-    @extend_schema(request=None, responses=gateway_responses({}, errors=(400,)))
-    def post(self, request: Request, response_id: str) -> HttpResponseBase:
-        raise stored_response_refusal()
-
-    @extend_schema(request=None, responses=gateway_responses({}, errors=(400,)))
-    def delete(self, request: Request, response_id: str) -> HttpResponseBase:
-        raise stored_response_refusal()
+    post = delete = get
 
 
 class ModelsView(GatewayView):
