@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import httpx
@@ -297,25 +297,68 @@ def test_a_bad_requests_cursor_or_date_is_the_client_s_error(world):
     assert bad.json()["error"]["param"] == "start"
 
 
-def _settled_requests(api_key: ApiKey, count: int) -> list[str]:
-    """`count` requests billed through the engine, as the gateway bills them."""
+def _settled_request(api_key: ApiKey, request_id: str, *, started: datetime, output: int) -> str:
+    """One request billed through the engine, as the gateway bills it, started at `started`."""
     now = timezone.now()
-    ids = []
-    for n in range(count):
-        request_id = f"req_csv_{api_key.pk}_{n}"
-        started = now - timedelta(seconds=count - n)
-        hold_place(api_key=api_key, request_id=request_id, amount=Decimal("0.001"), now=now)
-        hold_settle(
-            request_id=request_id,
-            cost=Decimal("0.0000125"),
-            now=now,
-            usage=Usage(input_tokens=3, output_tokens=n % 7),
-            details=RequestDetails(
-                endpoint="chat.completions", started_at=started, outcome="completed"
-            ),
+    hold_place(api_key=api_key, request_id=request_id, amount=Decimal("0.001"), now=now)
+    hold_settle(
+        request_id=request_id,
+        cost=Decimal("0.0000125"),
+        now=now,
+        usage=Usage(input_tokens=3, output_tokens=output),
+        details=RequestDetails(
+            endpoint="chat.completions", started_at=started, outcome="completed"
+        ),
+    )
+    return request_id
+
+
+def _settled_requests(api_key: ApiKey, count: int) -> list[str]:
+    """`count` requests billed through the engine, a second apart, the last one just now."""
+    now = timezone.now()
+    return [
+        _settled_request(
+            api_key,
+            f"req_csv_{api_key.pk}_{n}",
+            started=now - timedelta(seconds=count - n),
+            output=n % 7,
         )
-        ids.append(request_id)
-    return ids
+        for n in range(count)
+    ]
+
+
+def test_start_and_end_keep_the_listing_and_the_export_to_their_days(world):
+    api_key = world.issued.api_key
+    noon_today = timezone.now().replace(hour=12, minute=0, second=0, microsecond=0)
+    by_days_ago = {
+        days: _settled_request(
+            api_key, f"req_day_{days}", started=noon_today - timedelta(days=days), output=1
+        )
+        for days in (0, 1, 2, 5)
+    }
+    today = noon_today.date()
+    window = {"start": str(today - timedelta(days=2)), "end": str(today - timedelta(days=1))}
+    with client(world, world.key) as http:
+        listed = http.get("/v1/billing/requests", params=window)
+        exported = http.get("/v1/billing/requests", params={**window, "format": "csv"})
+        one_day = http.get(
+            "/v1/billing/requests",
+            params={"start": str(today - timedelta(days=5)), "end": str(today - timedelta(days=5))},
+        )
+        defaults = http.get("/v1/billing/requests")
+    assert listed.status_code == exported.status_code == one_day.status_code == 200, listed.text
+    # Both ends are included, newest first; what lies outside the days is left out.
+    assert [row["request_id"] for row in listed.json()["results"]] == [
+        by_days_ago[1],
+        by_days_ago[2],
+    ]
+    rows = list(csv.reader(io.StringIO(exported.text)))
+    assert [row[0] for row in rows[1:]] == [by_days_ago[1], by_days_ago[2]]
+    assert [row["request_id"] for row in one_day.json()["results"]] == [by_days_ago[5]]
+    # Without a range: the last 30 days up to today.
+    assert [row["request_id"] for row in defaults.json()["results"]] == [
+        by_days_ago[days] for days in (0, 1, 2, 5)
+    ]
 
 
 def test_the_csv_export_streams_every_request_of_the_range(world):
