@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import date, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -52,6 +52,7 @@ from billing.money import (
 )
 from billing.selectors import AccountOverview, account_overview_get
 from billing.services.accounts import CREDIT_SOURCES, account_refundable
+from billing.services.keys import api_key_rate_limits_check
 from billing.statements import (
     month_parse,
     statement_context,
@@ -761,6 +762,30 @@ class MemoForm(forms.Form):
 BUDGET_PERIOD_CHOICES = [("", "no budget"), *ApiKey.BudgetPeriod.choices]
 
 
+RATE_LIMIT_LABELS = {
+    "rpm": ("Requests per minute", "At most this many requests"),
+    "tpm": ("Tokens per minute", "At most this many billed tokens (input plus output)"),
+}
+
+
+def rate_limit_field(name: str) -> forms.IntegerField:
+    """A key's rpm or tpm; checked by `rate_limits_clean`, the service's own rule."""
+    label, what = RATE_LIMIT_LABELS[name]
+    return forms.IntegerField(
+        required=False, label=label, help_text=f"{what} in any 60 s. Empty: no limit."
+    )
+
+
+def rate_limits_clean(form: forms.Form) -> None:
+    """Refuse a limit the key cannot have at the review, not only at the confirmation."""
+    data = form.cleaned_data
+    if "rpm" in data and "tpm" in data:  # else a field error is shown already
+        try:
+            api_key_rate_limits_check(rpm=data["rpm"], tpm=data["tpm"])
+        except BillingError as exc:
+            _service_error(form, exc)
+
+
 class KeyIssueForm(forms.Form):
     """A new key. Its secret is made by the service and shown once, on the page that answers
     the confirmation; nothing here ever holds it."""
@@ -780,6 +805,8 @@ class KeyIssueForm(forms.Form):
     )
     budget_limit = money_form_field(min_value=ZERO, required=False, label="Budget (USD)")
     budget_period = forms.ChoiceField(choices=BUDGET_PERIOD_CHOICES, required=False)
+    rpm = rate_limit_field("rpm")
+    tpm = rate_limit_field("tpm")
     expires_at = forms.DateTimeField(
         required=False,
         widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
@@ -792,6 +819,11 @@ class KeyIssueForm(forms.Form):
     def clean_memo(self) -> str:
         return memo_required(self.cleaned_data["memo"])
 
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        rate_limits_clean(self)
+        return data
+
 
 class KeyBudgetForm(forms.Form):
     budget_limit = money_form_field(min_value=ZERO, required=False, label="Budget (USD)")
@@ -802,6 +834,20 @@ class KeyBudgetForm(forms.Form):
         return memo_required(self.cleaned_data["memo"])
 
 
+class KeyRateLimitsForm(forms.Form):
+    rpm = rate_limit_field("rpm")
+    tpm = rate_limit_field("tpm")
+    memo = memo_field()
+
+    def clean_memo(self) -> str:
+        return memo_required(self.cleaned_data["memo"])
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        rate_limits_clean(self)
+        return data
+
+
 def _service_error(form: forms.Form, exc: BillingError) -> None:
     """Show a service's refusal on the form field it names, if the form has one."""
     field = getattr(exc, "field", None)
@@ -810,6 +856,15 @@ def _service_error(form: forms.Form, exc: BillingError) -> None:
 
 def _budget_text(limit: Decimal | None, period: str) -> str:
     return "no budget" if limit is None else f"{money_str(limit)} USD per {period}"
+
+
+def _rate_limits_text(rpm: int | None, tpm: int | None) -> str:
+    limits = [
+        f"{limit:,} {unit}"
+        for limit, unit in ((rpm, "requests"), (tpm, "tokens"))
+        if limit is not None
+    ]
+    return " and ".join(limits) + " per minute" if limits else "no limit"
 
 
 @admin.register(ApiKey)
@@ -862,7 +917,8 @@ class ApiKeyAdmin(ReadOnlyAdmin):
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("billing.add_apikey")
 
-    def has_budget_permission(self, request: HttpRequest) -> bool:
+    def has_setting_permission(self, request: HttpRequest) -> bool:
+        """Who may change a key's budget and rate limits."""
         return request.user.has_perm("billing.change_apikey")
 
     def change_view(
@@ -878,8 +934,10 @@ class ApiKeyAdmin(ReadOnlyAdmin):
             tools.append(
                 (reverse("admin:billing_account_change", args=[key.account_id]), "Account")
             )
-            if key.status == ApiKey.Status.ACTIVE and self.has_budget_permission(request):
+            if key.status == ApiKey.Status.ACTIVE and self.has_setting_permission(request):
                 tools.append((reverse("admin:billing_apikey_budget", args=[key.pk]), "Edit budget"))
+                url = reverse("admin:billing_apikey_rate_limits", args=[key.pk])
+                tools.append((url, "Edit rate limits"))
             if key.status == ApiKey.Status.ACTIVE and self.has_revoke_permission(request):
                 url = reverse("admin:billing_apikey_revoke")
                 tools.append((f"{url}?{urlencode({'ids': key.pk})}", "Revoke"))
@@ -912,6 +970,8 @@ class ApiKeyAdmin(ReadOnlyAdmin):
                         scope=data["scope"],
                         budget_limit=data["budget_limit"],
                         budget_period=data["budget_period"],
+                        rpm=data["rpm"],
+                        tpm=data["tpm"],
                         expires_at=data["expires_at"],
                         user=request.user,  # type: ignore[arg-type]
                         memo=data["memo"],
@@ -942,6 +1002,7 @@ class ApiKeyAdmin(ReadOnlyAdmin):
                 budget=(
                     _budget_text(data["budget_limit"], data["budget_period"]) if data else None
                 ),
+                rate_limits=_rate_limits_text(data["rpm"], data["tpm"]) if data else None,
             ),
         )
 
@@ -970,56 +1031,114 @@ class ApiKeyAdmin(ReadOnlyAdmin):
         # Import here: reconciliation depends on billing, never the other way at import time.
         from reconciliation.services.onboarding import api_key_budget_set_by_staff
 
-        if not self.has_budget_permission(request):
+        return self._key_setting_view(
+            request,
+            key_id,
+            what="budget",
+            form_class=KeyBudgetForm,
+            initial=lambda key: {
+                "budget_limit": key.budget_limit,
+                "budget_period": key.budget_period,
+            },
+            apply=lambda key, data, user, memo: api_key_budget_set_by_staff(
+                key_id=key.pk,
+                budget_limit=data["budget_limit"],
+                budget_period=data["budget_period"],
+                user=user,
+                memo=memo,
+                now=timezone.now(),
+            ),
+            template="admin/billing/apikey/budget_confirm.html",
+            context=lambda key, data: {
+                "budget_now": _budget_text(key.budget_limit, key.budget_period),
+                "budget_after": (
+                    _budget_text(data["budget_limit"], data["budget_period"]) if data else None
+                ),
+                "spent": money_display(key.budget_spent, exact=True),
+                "held": money_display(key.budget_held, exact=True),
+            },
+        )
+
+    def rate_limits_view(self, request: HttpRequest, key_id: int) -> HttpResponse:
+        """Change a key's rpm and tpm: the new ones, a review against the current ones, a memo;
+        one StaffAction."""
+        # Import here: reconciliation depends on billing, never the other way at import time.
+        from reconciliation.services.onboarding import api_key_rate_limits_set_by_staff
+
+        return self._key_setting_view(
+            request,
+            key_id,
+            what="rate limits",
+            form_class=KeyRateLimitsForm,
+            initial=lambda key: {"rpm": key.rpm, "tpm": key.tpm},
+            apply=lambda key, data, user, memo: api_key_rate_limits_set_by_staff(
+                key_id=key.pk,
+                rpm=data["rpm"],
+                tpm=data["tpm"],
+                user=user,
+                memo=memo,
+                now=timezone.now(),
+            ),
+            template="admin/billing/apikey/rate_limits_confirm.html",
+            context=lambda key, data: {
+                "rate_limits_now": _rate_limits_text(key.rpm, key.tpm),
+                "rate_limits_after": _rate_limits_text(data["rpm"], data["tpm"]) if data else None,
+            },
+        )
+
+    def _key_setting_view(
+        self,
+        request: HttpRequest,
+        key_id: int,
+        *,
+        what: str,
+        form_class: type[forms.Form],
+        initial: Callable[[ApiKey], dict[str, Any]],
+        apply: Callable[[ApiKey, dict[str, Any], Any, str], object],
+        template: str,
+        context: Callable[[ApiKey, dict[str, Any]], dict[str, Any]],
+    ) -> HttpResponse:
+        """One setting of an active key: the edit form, a review of
+        the setting before and after, then `apply` with the memo (the service records the
+        StaffAction). A service's refusal is shown on the form."""
+        if not self.has_setting_permission(request):
             raise PermissionDenied
         key = ApiKey.objects.filter(pk=key_id).select_related("account").first()
         if key is None:
             raise Http404("no such key")
         if key.status != ApiKey.Status.ACTIVE:
             self.message_user(
-                request, f"{key} is {key.status}: its budget is moot.", messages.WARNING
+                request, f"{key} is {key.status}: its {what} cannot change.", messages.WARNING
             )
             return redirect("admin:billing_apikey_change", key.pk)
         stage = "edit"
         if request.method == "POST":
-            form = KeyBudgetForm(request.POST)
+            form = form_class(request.POST)
             if form.is_valid() and "confirm" in request.POST:
                 try:
-                    api_key_budget_set_by_staff(
-                        key_id=key.pk,
-                        budget_limit=form.cleaned_data["budget_limit"],
-                        budget_period=form.cleaned_data["budget_period"],
-                        user=request.user,  # type: ignore[arg-type]
-                        memo=form.cleaned_data["memo"],
-                        now=timezone.now(),
-                    )
+                    apply(key, form.cleaned_data, request.user, form.cleaned_data["memo"])
                 except BillingError as exc:
                     _service_error(form, exc)
                 else:
-                    self.message_user(request, f"Budget of {key.prefix} changed.", messages.SUCCESS)
+                    self.message_user(
+                        request, f"{what.capitalize()} of {key.prefix} changed.", messages.SUCCESS
+                    )
                     return redirect("admin:billing_apikey_change", key.pk)
             elif form.is_valid():
                 stage = "confirm"
         else:
-            form = KeyBudgetForm(
-                initial={"budget_limit": key.budget_limit, "budget_period": key.budget_period}
-            )
+            form = form_class(initial=initial(key))
         data = form.cleaned_data if stage == "confirm" else {}
         return TemplateResponse(
             request,
-            "admin/billing/apikey/budget_confirm.html",
+            template,
             self._context(
                 request,
-                f"Budget of {key}" + (": confirm" if stage == "confirm" else ""),
+                f"{what.capitalize()} of {key}" + (": confirm" if stage == "confirm" else ""),
                 api_key=key,
                 form=form,
                 stage=stage,
-                budget_now=_budget_text(key.budget_limit, key.budget_period),
-                budget_after=(
-                    _budget_text(data["budget_limit"], data["budget_period"]) if data else None
-                ),
-                spent=money_display(key.budget_spent, exact=True),
-                held=money_display(key.budget_held, exact=True),
+                **context(key, data),
             ),
         )
 
@@ -1051,6 +1170,11 @@ class ApiKeyAdmin(ReadOnlyAdmin):
                 "<int:key_id>/budget/",
                 self.admin_site.admin_view(self.budget_view),
                 name="billing_apikey_budget",
+            ),
+            path(
+                "<int:key_id>/rate-limits/",
+                self.admin_site.admin_view(self.rate_limits_view),
+                name="billing_apikey_rate_limits",
             ),
             *super().get_urls(),
         ]

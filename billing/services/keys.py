@@ -39,7 +39,8 @@ class Unset(enum.Enum):
 UNSET = Unset.UNSET
 
 
-def _rate_limits_check(*, rpm: int | None, tpm: int | None) -> None:
+def api_key_rate_limits_check(*, rpm: int | None, tpm: int | None) -> None:
+    """Refuse a limit the key cannot have (None is none); also the admin forms' check."""
     for name, limit in (("rpm", rpm), ("tpm", tpm)):
         if limit is not None and not 1 <= limit <= MAX_RATE_LIMIT:
             raise InvalidKeyField(f"{name} must be from 1 to {MAX_RATE_LIMIT}", field=name)
@@ -74,7 +75,7 @@ def api_key_issue(
     if scope not in ApiKey.Scope.values:
         raise InvalidKeyField(f"unknown scope {scope!r}", field="scope")
     _budget_checked(budget_limit=budget_limit, budget_period=budget_period)
-    _rate_limits_check(rpm=rpm, tpm=tpm)
+    api_key_rate_limits_check(rpm=rpm, tpm=tpm)
     if expires_at is not None and expires_at <= now:
         raise InvalidKeyField("the expiry is in the past", field="expires_at")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -138,7 +139,7 @@ def api_key_update(
                 period = api_key.budget_period if budget_period is UNSET else budget_period
             _budget_checked(budget_limit=limit, budget_period=period)
             changes |= {"budget_limit": limit, "budget_period": period}
-        _rate_limits_check(
+        api_key_rate_limits_check(
             rpm=api_key.rpm if rpm is UNSET else rpm, tpm=api_key.tpm if tpm is UNSET else tpm
         )
         changed = [field for field, value in changes.items() if value is not UNSET]

@@ -1,5 +1,5 @@
-"""Onboarding by finance staff in the admin: customer accounts, API keys and their budgets,
-upstreams and routes, each with its StaffAction in the same transaction.
+"""Onboarding by finance staff in the admin: customer accounts, API keys with their budgets
+and rate limits, upstreams and routes, each with its StaffAction in the same transaction.
 
 Money does not move here: an account's opening credit is a grant or purchase posted through
 `credit_post_by_staff` on its own confirmation page. A key's secret is returned once, to the
@@ -12,9 +12,11 @@ returns what the first submit created.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
@@ -103,6 +105,8 @@ def api_key_issue_by_staff(
     scope: str,
     budget_limit: Decimal | None,
     budget_period: str,
+    rpm: int | None,
+    tpm: int | None,
     expires_at: datetime | None,
     user: AbstractBaseUser,
     memo: str,
@@ -126,6 +130,8 @@ def api_key_issue_by_staff(
             scope=scope,
             budget_limit=budget_limit,
             budget_period=budget_period,
+            rpm=rpm,
+            tpm=tpm,
             expires_at=expires_at,
         )
         api_key = issued.api_key
@@ -142,6 +148,7 @@ def api_key_issue_by_staff(
                 "scope": api_key.scope,
                 "budget_limit": None if budget_limit is None else money_str(budget_limit),
                 "budget_period": budget_period,
+                **_rate_limits_details(api_key),
                 "expires_at": expires_at.isoformat() if expires_at else None,
                 "form_key": form_key,
             },
@@ -160,31 +167,66 @@ def api_key_budget_set_by_staff(
 ) -> ApiKey:
     """Change a key's budget (None and "" remove it) through `api_key_update`, with its
     StaffAction (the budget before and after). Spend and holds already counted stay."""
+    return _key_setting_set(
+        key_id=key_id,
+        changes={"budget_limit": budget_limit, "budget_period": budget_period},
+        details_of=_budget_details,
+        action="api_key_budget_set",
+        user=user,
+        memo=memo,
+        now=now,
+    )
+
+
+def api_key_rate_limits_set_by_staff(
+    *,
+    key_id: int,
+    rpm: int | None,
+    tpm: int | None,
+    user: AbstractBaseUser,
+    memo: str,
+    now: datetime,
+) -> ApiKey:
+    """Change a key's rate limits (None removes one) through `api_key_update`, with its
+    StaffAction (the limits before and after)."""
+    return _key_setting_set(
+        key_id=key_id,
+        changes={"rpm": rpm, "tpm": tpm},
+        details_of=_rate_limits_details,
+        action="api_key_rate_limits_set",
+        user=user,
+        memo=memo,
+        now=now,
+    )
+
+
+def _key_setting_set(
+    *,
+    key_id: int,
+    changes: dict[str, Any],
+    details_of: Callable[[ApiKey], dict[str, Any]],
+    action: str,
+    user: AbstractBaseUser,
+    memo: str,
+    now: datetime,
+) -> ApiKey:
+    """`api_key_update(**changes)` on the locked key, and its StaffAction: `details_of` the key
+    before and after."""
     memo = _memo_clean(memo)
     with transaction.atomic(durable=True):
         try:
             locked = ApiKey.objects.select_for_update().get(pk=key_id)
         except ApiKey.DoesNotExist as exc:
             raise ApiKeyNotFound(f"no API key {key_id}") from exc
-        before = _budget_details(locked)
-        api_key = api_key_update(
-            key_id=key_id,
-            account_id=locked.account_id,
-            now=now,
-            budget_limit=budget_limit,
-            budget_period=budget_period,
-        )
+        before = details_of(locked)
+        api_key = api_key_update(key_id=key_id, account_id=locked.account_id, now=now, **changes)
         _staff_action_record(
             user=user,
-            action="api_key_budget_set",
+            action=action,
             target=_key_target(api_key),
             memo=memo,
             now=now,
-            details={
-                **_key_ids(api_key),
-                "before": before,
-                "after": _budget_details(api_key),
-            },
+            details={**_key_ids(api_key), "before": before, "after": details_of(api_key)},
         )
     return api_key
 
@@ -204,6 +246,10 @@ def _budget_details(api_key: ApiKey) -> dict[str, str | None]:
         "budget_limit": None if limit is None else money_str(limit),
         "budget_period": api_key.budget_period,
     }
+
+
+def _rate_limits_details(api_key: ApiKey) -> dict[str, int | None]:
+    return {"rpm": api_key.rpm, "tpm": api_key.tpm}
 
 
 def upstream_save_by_staff(

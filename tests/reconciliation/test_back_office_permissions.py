@@ -86,6 +86,7 @@ def _urls(world: dict[str, object]) -> dict[str, str]:
         "account_add": reverse("admin:billing_account_add"),
         "key_issue": reverse("admin:billing_apikey_add"),
         "key_budget": reverse("admin:billing_apikey_budget", args=[key.pk]),
+        "key_rate_limits": reverse("admin:billing_apikey_rate_limits", args=[key.pk]),
         "upstream_add": reverse("admin:gateway_upstream_add"),
         "upstream_change": reverse("admin:gateway_upstream_change", args=[upstream.pk]),
         "route_add": reverse("admin:gateway_route_add"),
@@ -116,6 +117,7 @@ def _posts(world: dict[str, object]) -> dict[str, dict[str, str]]:
             "confirm": "1",
         },
         "key_budget": {"budget_limit": "1", "budget_period": "day", "memo": "m", "confirm": "1"},
+        "key_rate_limits": {"rpm": "1", "tpm": "1", "memo": "m", "confirm": "1"},
         "upstream_add": {
             "name": "forged",
             "kind": "openai",
@@ -152,6 +154,7 @@ ACTIONS = [
     "account_add",
     "key_issue",
     "key_budget",
+    "key_rate_limits",
     "upstream_add",
     "upstream_change",
     "route_add",
@@ -166,6 +169,7 @@ def _nothing_changed(world: dict[str, object]) -> None:
     assert isinstance(key, ApiKey)
     key.refresh_from_db()
     assert key.budget_limit is None
+    assert (key.rpm, key.tpm) == (None, None)
     assert list(Upstream.objects.values_list("base_url", flat=True)) == ["https://upstream.test/v1"]
     assert list(Route.objects.values_list("upstream_model", flat=True)) == ["m-perm"]
     assert not StaffAction.objects.exists()
@@ -203,7 +207,10 @@ def test_staff_outside_finance_see_no_button_to_the_new_actions(viewer, finance,
             reverse("admin:billing_apikey_revoke"),
         ],
         reverse("admin:billing_apikey_changelist"): [urls["key_issue"]],
-        reverse("admin:billing_apikey_change", args=[key.pk]): [urls["key_budget"]],
+        reverse("admin:billing_apikey_change", args=[key.pk]): [
+            urls["key_budget"],
+            urls["key_rate_limits"],
+        ],
         reverse("admin:gateway_upstream_changelist"): [urls["upstream_add"]],
         reverse("admin:gateway_route_changelist"): [urls["route_add"]],
     }

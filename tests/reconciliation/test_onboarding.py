@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -16,13 +16,13 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.admin import money_display, money_reading
-from billing.errors import BudgetExceeded, InvalidAmount
+from billing.errors import BudgetExceeded, InvalidAmount, InvalidKeyField
 from billing.models import Account, ApiKey, LedgerLeg, LedgerTransaction, UsageRecord
 from billing.pricing import Usage
 from billing.selectors import account_overview_get, account_usage_by_day
 from billing.services.accounts import credit_post
 from billing.services.holds import RequestDetails, hold_place, hold_settle
-from billing.services.keys import api_key_hash
+from billing.services.keys import MAX_RATE_LIMIT, api_key_hash, api_key_revoke
 from billing.services.tariffs import tariff_set
 from gateway.models import Route, Upstream
 from gateway.selectors import model_context_cached, model_context_get
@@ -32,6 +32,7 @@ from reconciliation.services.onboarding import (
     account_open_by_staff,
     api_key_budget_set_by_staff,
     api_key_issue_by_staff,
+    api_key_rate_limits_set_by_staff,
     route_save_by_staff,
 )
 from tests.factories import EPOCH
@@ -52,6 +53,11 @@ def finance(finance_user: User) -> Client:
     client = Client()
     client.force_login(finance_user)
     return client
+
+
+@pytest.fixture
+def superuser(db: None) -> User:
+    return User.objects.create_superuser("root", password="pw")
 
 
 def form_key(page: str, name: str = "form_key") -> str:
@@ -301,6 +307,8 @@ def test_api_key_issue_by_staff_never_records_the_secret(finance_user, account, 
         scope="admin",
         budget_limit=None,
         budget_period="",
+        rpm=None,
+        tpm=None,
         expires_at=now + timedelta(days=30),
         user=finance_user,
         memo="m",
@@ -390,6 +398,189 @@ def test_budget_edit_refusal_changes_nothing(finance_user, issued_key, now):
     issued_key.api_key.refresh_from_db()
     assert issued_key.api_key.budget_limit is None
     assert not StaffAction.objects.exists()
+
+
+def test_finance_user_issues_a_key_with_rate_limits(finance, finance_user, account):
+    add = reverse("admin:billing_apikey_add")
+    fields = issue_fields(finance.get(add).content.decode(), account, rpm="600", tpm="200000")
+
+    review = finance.post(add, fields).content.decode()
+    assert 'id="issue-rate-limits">600 requests and 200,000 tokens per minute<' in review
+    assert not ApiKey.objects.filter(name="prod").exists()
+    finance.post(add, {**fields, "confirm": "1"})
+
+    key = ApiKey.objects.get(account=account, name="prod")
+    assert (key.rpm, key.tpm) == (600, 200000)
+    action = StaffAction.objects.get(action="api_key_issue")
+    assert (action.details["rpm"], action.details["tpm"]) == (600, 200000)
+
+
+def test_a_key_issued_without_rate_limits_has_none(finance, account):
+    add = reverse("admin:billing_apikey_add")
+    fields = issue_fields(finance.get(add).content.decode(), account, rpm="", tpm="")
+
+    review = finance.post(add, fields).content.decode()
+    assert 'id="issue-rate-limits">no limit<' in review
+    finance.post(add, {**fields, "confirm": "1"})
+
+    key = ApiKey.objects.get(account=account, name="prod")
+    assert (key.rpm, key.tpm) == (None, None)
+    action = StaffAction.objects.get(action="api_key_issue")
+    assert (action.details["rpm"], action.details["tpm"]) == (None, None)
+
+
+@pytest.mark.parametrize("stage", [{}, {"confirm": "1"}], ids=["review", "confirm"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("rpm", "0"), ("tpm", "-5"), ("rpm", str(MAX_RATE_LIMIT + 1))],
+    ids=["zero-rpm", "negative-tpm", "rpm-beyond-the-column"],
+)
+def test_key_issue_refuses_a_rate_limit_the_key_cannot_have(finance, account, field, value, stage):
+    add = reverse("admin:billing_apikey_add")
+    fields = issue_fields(finance.get(add).content.decode(), account, **{field: value}, **stage)
+
+    answer = finance.post(add, fields).content.decode()
+
+    assert f"{field} must be from 1 to {MAX_RATE_LIMIT}" in answer
+    assert 'id="issue-rate-limits"' not in answer  # no review of it
+    assert not ApiKey.objects.filter(name="prod").exists()
+    assert not StaffAction.objects.exists()
+
+
+def rate_limited_key(account: Account, now: datetime) -> ApiKey:
+    return api_key_issue_by_staff(
+        account_id=account.pk,
+        name="limited",
+        purpose="realtime",
+        scope="inference",
+        budget_limit=None,
+        budget_period="",
+        rpm=600,
+        tpm=200000,
+        expires_at=None,
+        user=User.objects.create_user("issuer"),
+        memo="m",
+        form_key="k-limited",
+        now=now,
+    ).api_key
+
+
+@pytest.mark.parametrize("who", ["finance_user", "superuser"])
+def test_staff_edit_a_key_rate_limits_through_a_confirmation(request, who, account, now):
+    user: User = request.getfixturevalue(who)
+    client = Client()
+    client.force_login(user)
+    key = rate_limited_key(account, now)
+    url = reverse("admin:billing_apikey_rate_limits", args=[key.pk])
+    key_page = client.get(reverse("admin:billing_apikey_change", args=[key.pk])).content.decode()
+    assert f'href="{url}">Edit rate limits<' in key_page
+    edit = client.get(url).content.decode()
+    assert 'name="rpm" value="600"' in edit
+
+    review = client.post(url, {"rpm": "60", "tpm": "5000", "memo": "abuse ticket 9"})
+    text = review.content.decode()
+    assert 'id="rate-limits-now">600 requests and 200,000 tokens per minute<' in text
+    assert 'id="rate-limits-after">60 requests and 5,000 tokens per minute<' in text
+    key.refresh_from_db()
+    assert (key.rpm, key.tpm) == (600, 200000)
+
+    done = client.post(
+        url, {"rpm": "60", "tpm": "5000", "memo": "abuse ticket 9", "confirm": "1"}, follow=True
+    )
+
+    assert done.redirect_chain == [(reverse("admin:billing_apikey_change", args=[key.pk]), 302)]
+    assert f"Rate limits of {key.prefix} changed." in done.content.decode()
+    key.refresh_from_db()
+    assert (key.rpm, key.tpm) == (60, 5000)
+    action = StaffAction.objects.get(action="api_key_rate_limits_set")
+    assert (action.user, action.memo, action.target) == (
+        user,
+        "abuse ticket 9",
+        f"API key #{key.pk} ({key.prefix})",
+    )
+    assert action.details == {
+        "api_key_id": key.pk,
+        "prefix": key.prefix,
+        "account_id": account.pk,
+        "before": {"rpm": 600, "tpm": 200000},
+        "after": {"rpm": 60, "tpm": 5000},
+    }
+
+
+def test_clearing_a_rate_limit_removes_it(finance, account, now):
+    key = rate_limited_key(account, now)
+    url = reverse("admin:billing_apikey_rate_limits", args=[key.pk])
+
+    review = finance.post(url, {"rpm": "", "tpm": "200000", "memo": "m"}).content.decode()
+    assert 'id="rate-limits-after">200,000 tokens per minute<' in review
+    finance.post(url, {"rpm": "", "tpm": "", "memo": "lift both", "confirm": "1"})
+
+    key.refresh_from_db()
+    assert (key.rpm, key.tpm) == (None, None)
+    action = StaffAction.objects.get(action="api_key_rate_limits_set")
+    assert (action.details["before"], action.details["after"]) == (
+        {"rpm": 600, "tpm": 200000},
+        {"rpm": None, "tpm": None},
+    )
+
+
+@pytest.mark.parametrize("stage", [{}, {"confirm": "1"}], ids=["review", "confirm"])
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"memo": " "}, "This field is required."),  # the memo, stripped
+        ({"rpm": "0"}, f"rpm must be from 1 to {MAX_RATE_LIMIT}"),
+        ({"tpm": "-1"}, f"tpm must be from 1 to {MAX_RATE_LIMIT}"),
+        ({"tpm": "lots"}, "Enter a whole number."),
+    ],
+    ids=["no-memo", "zero-rpm", "negative-tpm", "not-a-number"],
+)
+def test_rate_limits_edit_form_errors_change_nothing(finance, account, now, changes, error, stage):
+    key = rate_limited_key(account, now)
+    url = reverse("admin:billing_apikey_rate_limits", args=[key.pk])
+    fields = {"rpm": "60", "tpm": "5000", "memo": "m", **changes, **stage}
+
+    answer = finance.post(url, fields)
+
+    assert answer.status_code == 200
+    text = answer.content.decode()
+    assert error in text
+    assert 'id="rate-limits-after"' not in text
+    key.refresh_from_db()
+    assert (key.rpm, key.tpm) == (600, 200000)
+    assert not StaffAction.objects.filter(action="api_key_rate_limits_set").exists()
+
+
+def test_a_revoked_key_rate_limits_are_not_edited(finance, account, now):
+    key = rate_limited_key(account, now)
+    api_key_revoke(key_id=key.pk, now=now)
+    url = reverse("admin:billing_apikey_rate_limits", args=[key.pk])
+    change = reverse("admin:billing_apikey_change", args=[key.pk])
+    assert url not in finance.get(change).content.decode()
+
+    shown = finance.get(url, follow=True)
+    posted = finance.post(url, {"rpm": "1", "tpm": "1", "memo": "m", "confirm": "1"}, follow=True)
+
+    for answer in (shown, posted):
+        assert answer.redirect_chain == [(change, 302)]
+        assert "its rate limits cannot change" in answer.content.decode()
+    key.refresh_from_db()
+    assert (key.rpm, key.tpm) == (600, 200000)
+    assert not StaffAction.objects.filter(action="api_key_rate_limits_set").exists()
+
+
+def test_rate_limits_edit_refusal_changes_nothing(finance_user, account, now):
+    key = rate_limited_key(account, now)
+
+    with pytest.raises(InvalidKeyField) as refused:
+        api_key_rate_limits_set_by_staff(
+            key_id=key.pk, rpm=60, tpm=0, user=finance_user, memo="m", now=now
+        )
+
+    assert refused.value.field == "tpm"
+    key.refresh_from_db()
+    assert (key.rpm, key.tpm) == (600, 200000)
+    assert not StaffAction.objects.filter(action="api_key_rate_limits_set").exists()
 
 
 # --- The account page -------------------------------------------------------------------------
