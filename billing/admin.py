@@ -458,8 +458,14 @@ class AccountAdmin(ReadOnlyAdmin):
                 "budget": money_display(key.budget_limit),
                 "spent": money_display(key.budget_spent),
                 "held": money_display(key.budget_held),
+                "rate_limits": _rate_limits_text(key.rpm, key.tpm),
                 "budget_url": (
                     reverse("admin:billing_apikey_budget", args=[key.pk])
+                    if can_change_keys and key.status == ApiKey.Status.ACTIVE
+                    else None
+                ),
+                "rate_limits_url": (
+                    reverse("admin:billing_apikey_rate_limits", args=[key.pk])
                     if can_change_keys and key.status == ApiKey.Status.ACTIVE
                     else None
                 ),

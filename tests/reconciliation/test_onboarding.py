@@ -22,7 +22,7 @@ from billing.pricing import Usage
 from billing.selectors import account_overview_get, account_usage_by_day
 from billing.services.accounts import credit_post
 from billing.services.holds import RequestDetails, hold_place, hold_settle
-from billing.services.keys import MAX_RATE_LIMIT, api_key_hash, api_key_revoke
+from billing.services.keys import MAX_RATE_LIMIT, api_key_hash, api_key_issue, api_key_revoke
 from billing.services.tariffs import tariff_set
 from gateway.models import Route, Upstream
 from gateway.selectors import model_context_cached, model_context_get
@@ -584,6 +584,20 @@ def test_rate_limits_edit_refusal_changes_nothing(finance_user, account, now):
 
 
 # --- The account page -------------------------------------------------------------------------
+
+
+def test_account_page_shows_each_key_s_rate_limits_and_links_their_edit(finance, account, now):
+    limited = rate_limited_key(account, now)
+    revoked = api_key_issue(account_id=account.pk, now=now, rpm=600, tpm=200000).api_key
+    api_key_revoke(key_id=revoked.pk, now=now)
+
+    page = finance.get(reverse("admin:billing_account_change", args=[account.pk]))
+    keys = page.content.decode().split('id="account-keys"')[1].split('id="account-holds"')[0]
+
+    assert keys.count("600 requests and 200,000 tokens per minute") == 2
+    assert reverse("admin:billing_apikey_rate_limits", args=[limited.pk]) in keys
+    # A revoked key's limits are shown, not offered for change.
+    assert reverse("admin:billing_apikey_rate_limits", args=[revoked.pk]) not in keys
 
 
 def test_account_page_shows_one_screen(finance, account, issued_key, now):
