@@ -4,7 +4,9 @@ Every money operation is one statement, `SELECT * FROM billing_engine.<operation
 through a plain psycopg cursor with server-side binding: parameters travel separately and
 psycopg prepares the statement on a pooled connection the first time it runs there, after
 which PostgreSQL only binds and executes it. (Django's cursors interpolate on the client, so
-every call would be parsed and planned again.)
+every call would be parsed and planned again.) Results come back in binary: psycopg decodes
+them in C (Django's text loader for timestamptz is Python), and a jsonb column arrives
+decoded, as the ORM's JSONField gives it.
 
 The same statement runs from sync code (`sql_rows`, in the caller's transaction or in
 autocommit, where one call is one durable transaction) and from the event loop
@@ -53,7 +55,7 @@ def sql_rows(statement: str, params: Mapping[str, Any]) -> Rows:
     with db.wrap_database_errors:
         with psycopg.Cursor(db.connection) as cursor:
             # Prepared on first use: these are the few statements every request runs.
-            cursor.execute(statement, params, prepare=True)
+            cursor.execute(statement, params, prepare=True, binary=True)
             return cursor.fetchall()
 
 
@@ -119,7 +121,7 @@ async def _pooled_rows(
     # putconn still resets or discards a connection an error or a cancellation left unusable.
     conn = await pool.getconn()
     try:
-        cursor = await conn.execute(statement, params, prepare=True)
+        cursor = await conn.execute(statement, params, prepare=True, binary=True)
         return await cursor.fetchall()
     except psycopg.OperationalError as exc:
         if conn.broken or conn.closed:

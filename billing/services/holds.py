@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import cached_property
 from typing import Any
 
 import psycopg
@@ -84,18 +85,30 @@ class RequestDetails:
 
 @dataclass(frozen=True)
 class SettleResult:
-    hold: Hold
+    """What a settle posted: its cost and flags, read off the engine's row. `hold` is the
+    settled hold as a model instance, built on first access (the gateway never reads it)."""
+
+    outcome: _Outcome = field(repr=False)
     cost: Decimal
-    transaction_id: int | None
     replayed: bool = False
 
     @property
+    def transaction_id(self) -> int | None:
+        return self.outcome.transaction_id
+
+    @property
     def is_overrun(self) -> bool:
-        return self.hold.is_overrun
+        return bool(self.outcome.hold_values["is_overrun"])
 
     @property
     def is_late(self) -> bool:
-        return self.hold.is_late
+        return bool(self.outcome.hold_values["is_late"])
+
+    @property
+    def hold(self) -> Hold:
+        hold = self.outcome.hold
+        assert hold is not None
+        return hold
 
 
 # --- the engine's hold result ------------------------------------------------------------------
@@ -128,32 +141,40 @@ assert set(_HOLD_FIELDS) == set(HOLD_RESULT_COLUMNS), "billing_engine.hold_resul
 _MONEY_COLUMNS = frozenset({"amount", "settled_amount", "checkpoint_cost"})
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Outcome:
     result: str
     detail: str | None
     charged: Decimal | None
-    hold: Hold | None
+    # The hold's columns as the engine returned them (money in units); all None when the
+    # result names no hold.
+    hold_values: dict[str, Any]
     # The request's posting: the hold's, or a write-off's of a request that has no hold.
     transaction_id: int | None
 
-
-def _outcome(rows: Rows) -> _Outcome:
-    [(result, detail, charged, *columns)] = rows
-    values = dict(zip(HOLD_RESULT_COLUMNS, columns, strict=True))
-    hold = None
-    if values["id"] is not None:
+    @cached_property
+    def hold(self) -> Hold | None:
+        """The hold as a model instance, built when first asked for: a settle's caller
+        usually reads only the cost and flags, and building a model is most of the mapping."""
+        if self.hold_values["id"] is None:
+            return None
+        values = dict(self.hold_values)
         for name in _MONEY_COLUMNS:
             if values[name] is not None:
                 values[name] = from_units(values[name])
         # Model.from_db, as if the ORM had read the row: every column given, so none is
         # deferred (a deferred one would cost a query on first access).
-        hold = Hold.from_db(DEFAULT_DB_ALIAS, _HOLD_FIELDS, [values[f] for f in _HOLD_FIELDS])
+        return Hold.from_db(DEFAULT_DB_ALIAS, _HOLD_FIELDS, [values[f] for f in _HOLD_FIELDS])
+
+
+def _outcome(rows: Rows) -> _Outcome:
+    [(result, detail, charged, *columns)] = rows
+    values = dict(zip(HOLD_RESULT_COLUMNS, columns, strict=True))
     return _Outcome(
         result=result,
         detail=detail,
         charged=from_units(charged) if charged is not None else None,
-        hold=hold,
+        hold_values=values,
         transaction_id=values["transaction_id"],
     )
 
@@ -365,12 +386,9 @@ def _settle_params(
 def _settled(rows: Rows, *, request_id: str) -> SettleResult:
     outcome = _outcome(rows)
     if outcome.result in ("settled", "replayed"):
-        assert outcome.hold is not None and outcome.charged is not None
+        assert outcome.hold_values["id"] is not None and outcome.charged is not None
         return SettleResult(
-            hold=outcome.hold,
-            cost=outcome.charged,
-            transaction_id=outcome.hold.transaction_id,
-            replayed=outcome.result == "replayed",
+            outcome=outcome, cost=outcome.charged, replayed=outcome.result == "replayed"
         )
     raise _refusal(outcome, request_id=request_id)
 

@@ -268,6 +268,35 @@ def test_the_hold_result_type_carries_every_hold_column_in_the_services_order() 
     assert dict(result[3:]) == {name: table[name] for name in HOLD_RESULT_COLUMNS}
 
 
+def _hold_fields(hold: Hold) -> dict[str, tuple[object, type]]:
+    return {
+        field.attname: (getattr(hold, field.attname), type(getattr(hold, field.attname)))
+        for field in Hold._meta.concrete_fields
+    }
+
+
+@pytest.mark.django_db
+def test_the_hold_a_service_returns_is_the_row_the_orm_reads(now: datetime) -> None:
+    # Every column, value and type alike: money as Decimal, times as aware datetimes, and the
+    # checkpoint's jsonb decoded as the ORM's JSONField gives it (not its text).
+    account = make_account(now=now)
+    key = make_key(account=account, now=now).api_key
+    placed = hold_place(api_key=key, request_id="mapped", amount=D("2"), now=now)
+    assert _hold_fields(placed) == _hold_fields(Hold.objects.get(request_id="mapped"))
+    Hold.objects.filter(request_id="mapped").update(
+        checkpoint_cost=D("0.5"), checkpoint_usage={"input_tokens": 7}, checkpoint_at=now
+    )
+    settled = hold_settle(request_id="mapped", cost=D("0.75"), now=now + timedelta(seconds=1))
+    stored = Hold.objects.get(request_id="mapped")
+    assert _hold_fields(settled.hold) == _hold_fields(stored)
+    assert settled.hold.checkpoint_usage == {"input_tokens": 7}
+    assert (settled.transaction_id, settled.is_overrun, settled.is_late) == (
+        stored.transaction_id,
+        False,
+        False,
+    )
+
+
 # --- (d) what the database refuses, around the engine and the ORM --------------------------------
 
 
