@@ -74,11 +74,13 @@ def _services_worker(
 
     rng = random.Random(index)
     usage = Usage(input_tokens=120, output_tokens=40)
+    # Stubs, made before the clock starts as the gateway's come from its key cache: the engine
+    # reads the key's status and budget from its row.
+    stubs = {key_id: ApiKey(pk=key_id, account_id=account_id) for account_id, key_id in keys}
 
     def pair(i: int) -> None:
-        account_id, key_id = keys[0] if len(keys) == 1 else rng.choice(keys)
-        # A stub: the engine reads the key's status and budget from its row.
-        api_key = ApiKey(pk=key_id, account_id=account_id)
+        _, key_id = keys[0] if len(keys) == 1 else rng.choice(keys)
+        api_key = stubs[key_id]
         request_id = f"{run}-{index}-{i}"
         now = timezone.now()
         hold_place(
