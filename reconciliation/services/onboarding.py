@@ -21,7 +21,7 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
 
-from billing.errors import ApiKeyNotFound, InvalidAmount
+from billing.errors import ApiKeyInactive, ApiKeyNotFound, InvalidAmount
 from billing.models import Account, ApiKey
 from billing.money import ZERO, money_str
 from billing.services.keys import IssuedKey, api_key_issue, api_key_update
@@ -211,13 +211,16 @@ def _key_setting_set(
     now: datetime,
 ) -> ApiKey:
     """`api_key_update(**changes)` on the locked key, and its StaffAction: `details_of` the key
-    before and after."""
+    before and after. A key revoked since its page was shown is refused here, under its lock
+    (ApiKeyInactive): a revoked key's settings never change."""
     memo = _memo_clean(memo)
     with transaction.atomic(durable=True):
         try:
             locked = ApiKey.objects.select_for_update().get(pk=key_id)
         except ApiKey.DoesNotExist as exc:
             raise ApiKeyNotFound(f"no API key {key_id}") from exc
+        if locked.status != ApiKey.Status.ACTIVE:
+            raise ApiKeyInactive(api_key_id=key_id, reason=locked.status)
         before = details_of(locked)
         api_key = api_key_update(key_id=key_id, account_id=locked.account_id, now=now, **changes)
         _staff_action_record(

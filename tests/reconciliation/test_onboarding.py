@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.admin import money_display, money_reading
-from billing.errors import BudgetExceeded, InvalidAmount, InvalidKeyField
+from billing.errors import ApiKeyInactive, BudgetExceeded, InvalidAmount, InvalidKeyField
 from billing.models import Account, ApiKey, LedgerLeg, LedgerTransaction, UsageRecord
 from billing.pricing import Usage
 from billing.selectors import account_overview_get, account_usage_by_day
@@ -567,6 +567,34 @@ def test_a_revoked_key_rate_limits_are_not_edited(finance, account, now):
     key.refresh_from_db()
     assert (key.rpm, key.tpm) == (600, 200000)
     assert not StaffAction.objects.filter(action="api_key_rate_limits_set").exists()
+
+
+def test_the_setting_services_refuse_a_key_revoked_under_their_lock(finance_user, account, now):
+    # The admin page checks the key when it is shown; a revoke between that check and the
+    # confirmation is refused by the service itself, under the key's row lock.
+    key = rate_limited_key(account, now)
+    api_key_revoke(key_id=key.pk, now=now)
+
+    with pytest.raises(ApiKeyInactive) as budget_refused:
+        api_key_budget_set_by_staff(
+            key_id=key.pk,
+            budget_limit=D("5"),
+            budget_period="month",
+            user=finance_user,
+            memo="m",
+            now=now,
+        )
+    with pytest.raises(ApiKeyInactive) as limits_refused:
+        api_key_rate_limits_set_by_staff(
+            key_id=key.pk, rpm=1, tpm=1, user=finance_user, memo="m", now=now
+        )
+
+    assert budget_refused.value.reason == limits_refused.value.reason == "revoked"
+    key.refresh_from_db()
+    assert (key.budget_limit, key.budget_period, key.rpm, key.tpm) == (None, "", 600, 200000)
+    assert not StaffAction.objects.filter(
+        action__in=["api_key_budget_set", "api_key_rate_limits_set"]
+    ).exists()
 
 
 def test_rate_limits_edit_refusal_changes_nothing(finance_user, account, now):
