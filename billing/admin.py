@@ -452,31 +452,31 @@ class AccountAdmin(ReadOnlyAdmin):
         can_change_keys = user.has_perm("billing.change_apikey")
         can_revoke = can_change_keys or user.has_perm("billing.post_adjustment")
         revoke_url = reverse("admin:billing_apikey_revoke")
-        keys = [
-            {
+        keys = []
+        for key in overview.keys:
+            # Only an active key's settings change or its revoke is offered.
+            active = key.status == ApiKey.Status.ACTIVE
+            editable = active and can_change_keys
+            keys.append({
                 "key": key,
                 "budget": money_display(key.budget_limit),
                 "spent": money_display(key.budget_spent),
                 "held": money_display(key.budget_held),
                 "rate_limits": _rate_limits_text(key.rpm, key.tpm),
                 "budget_url": (
-                    reverse("admin:billing_apikey_budget", args=[key.pk])
-                    if can_change_keys and key.status == ApiKey.Status.ACTIVE
-                    else None
+                    reverse("admin:billing_apikey_budget", args=[key.pk]) if editable else None
                 ),
                 "rate_limits_url": (
                     reverse("admin:billing_apikey_rate_limits", args=[key.pk])
-                    if can_change_keys and key.status == ApiKey.Status.ACTIVE
+                    if editable
                     else None
                 ),
                 "revoke_url": (
                     f"{revoke_url}?{urlencode({'ids': key.pk})}"
-                    if can_revoke and key.status == ApiKey.Status.ACTIVE
+                    if active and can_revoke
                     else None
                 ),
-            }
-            for key in overview.keys
-        ]
+            })
         holds = [
             {"hold": hold, "amount": money_display(hold.amount)} for hold in overview.active_holds
         ]
